@@ -1,0 +1,318 @@
+"""End-to-end benchmark: the real stack (gunicorn, RQ workers, PostgreSQL, Redis).
+
+    python -m bench.run [--events 20000] [--workers 2] [--reps 3] [--users 10000]
+
+Needs DATABASE_URL and REDIS_URL (PostgreSQL and Redis; the database is
+migrated and a fresh workspace is used per repetition). Prints a summary and
+writes a JSON report to bench/results/. It measures, side by side in one run:
+
+* ingest: events/s accepted through /v1/batch (100 calls per request);
+* end to end: events/s from the first request until nothing is pending;
+* naive: the same calls as one RQ job + one commit each, same worker count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import requests
+from rq import Queue
+from sqlalchemy import func, select
+
+import config
+from kana import db, keys, migrate
+from kana import queue as events_queue
+from kana.broker import connect
+from kana.models import Event, Feature
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def workload(n: int, users: int, seed: int = 7) -> list[dict]:
+    """identify 15% (emails, some shared), track+featureId 70%, unmapped track 10%, page 5%."""
+    rnd = random.Random(seed)
+    calls = []
+    for i in range(n):
+        uid = f"user-{rnd.randrange(users)}"
+        r = rnd.random()
+        mid = f"b-{i}-{uuid.uuid4().hex[:8]}"
+        if r < 0.15:
+            calls.append({"type": "identify", "userId": uid, "messageId": mid,
+                          "traits": {"email": f"{uid}@example.com", "name": uid.title()}})
+        elif r < 0.85:
+            calls.append({"type": "track", "userId": uid, "messageId": mid, "event": "Message Sent",
+                          "properties": {"featureId": "messages", "delta": rnd.randint(1, 3)}})
+        elif r < 0.95:
+            calls.append({"type": "track", "userId": uid, "messageId": mid, "event": "Report Exported",
+                          "properties": {"format": "csv", "plan": {"tier": "pro"}}})
+        else:
+            calls.append({"type": "page", "userId": uid, "messageId": mid, "name": "Pricing",
+                          "properties": {"url": "https://example.com/pricing"}})
+    return calls
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], workers: int, web: bool = True) -> None:
+        self.env = env
+        self.port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        py = sys.executable
+        if web:
+            self.procs.append(subprocess.Popen(
+                [py, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{self.port}", "--workers", "2",
+                 "--threads", "4", "--log-level", "warning"], cwd=ROOT, env=env))
+        for _ in range(workers):
+            self.procs.append(subprocess.Popen([py, "worker.py"], cwd=ROOT, env=env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if web:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.2)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def new_workspace() -> tuple[int, str]:
+    with db.Session.begin() as s:
+        ws, key = keys.create_workspace(s, f"bench-{uuid.uuid4().hex[:6]}")
+        s.add(Feature(workspace_id=ws.id, id="messages", name="Messages", type="consumable"))
+        return ws.id, key
+
+
+def stored(ws_id: int) -> int:
+    with db.Session() as s:
+        return s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws_id))
+
+
+def run_ours(settings, env, calls, workers: int) -> dict:
+    redis = connect(settings)
+    redis.flushdb()
+    ws_id, key = new_workspace()
+    stack = Stack(env, workers)
+    try:
+        batches = [calls[i : i + 100] for i in range(0, len(calls), 100)]
+        session = requests.Session()
+        headers = {"Authorization": f"Bearer {key}"}
+
+        def send(batch: list[dict]) -> float:
+            t = time.perf_counter()
+            r = session.post(f"{stack.url}/v1/batch", json={"batch": batch}, headers=headers, timeout=30)
+            r.raise_for_status()
+            return time.perf_counter() - t
+
+        start = time.perf_counter()
+        with cf.ThreadPoolExecutor(4) as pool:
+            latencies = list(pool.map(send, batches))
+        ingest = time.perf_counter() - start
+        while stored(ws_id) < len(calls) or events_queue.depth(redis, settings.partitions):
+            time.sleep(0.05)
+        total = time.perf_counter() - start
+    finally:
+        stack.stop()
+    return {"ingest_events_per_s": len(calls) / ingest, "e2e_events_per_s": len(calls) / total,
+            "batch_p50_ms": statistics.median(latencies) * 1000,
+            "batch_p99_ms": sorted(latencies)[int(len(latencies) * 0.99) - 1] * 1000}
+
+
+def run_receiver(settings, env, calls) -> dict:
+    """The receiver alone (no workers): /v1/batch of 100 and single-call /segment."""
+    redis = connect(settings)
+    redis.flushdb()
+    ws_id, key = new_workspace()
+    stack = Stack(env, workers=0)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    try:
+        bodies = [json.dumps({"batch": calls[i : i + 100]}) for i in range(0, len(calls), 100)]
+        singles = [json.dumps(c) for c in calls[: min(len(calls), 5000)]]
+
+        def blast(path: str, payloads: list[str], threads: int) -> tuple[float, list[float]]:
+            chunks = [payloads[i::threads] for i in range(threads)]
+
+            def worker(chunk: list[str]) -> list[float]:
+                session = requests.Session()
+                out = []
+                for body in chunk:
+                    t = time.perf_counter()
+                    r = session.post(f"{stack.url}{path}", data=body, headers=headers, timeout=30)
+                    r.raise_for_status()
+                    out.append(time.perf_counter() - t)
+                return out
+
+            start = time.perf_counter()
+            with cf.ThreadPoolExecutor(threads) as pool:
+                lat = [x for part in pool.map(worker, chunks) for x in part]
+            return time.perf_counter() - start, lat
+
+        batch_time, batch_lat = blast("/v1/batch", bodies, 4)
+        single_time, single_lat = blast("/segment", singles, 8)
+    finally:
+        stack.stop()
+    batch_lat.sort()
+    single_lat.sort()
+    return {
+        "batch_events_per_s": len(calls) / batch_time,
+        "batch_p50_ms": batch_lat[len(batch_lat) // 2] * 1000,
+        "batch_p99_ms": batch_lat[int(len(batch_lat) * 0.99) - 1] * 1000,
+        "segment_requests_per_s": len(singles) / single_time,
+        "segment_p50_ms": single_lat[len(single_lat) // 2] * 1000,
+        "segment_p99_ms": single_lat[int(len(single_lat) * 0.99) - 1] * 1000,
+    }
+
+
+def run_floors(settings, calls) -> dict:
+    """The same work at the storage floor: raw Redis pushes, 500-row PostgreSQL inserts."""
+    redis = connect(settings)
+    redis.flushdb()
+    payloads = [json.dumps(c) for c in calls]
+    start = time.perf_counter()
+    for i in range(0, len(payloads), 100):
+        pipe = redis.pipeline(transaction=True)
+        pipe.rpush("bench:raw", *payloads[i : i + 100])
+        pipe.execute()
+    redis_rate = len(payloads) / (time.perf_counter() - start)
+    redis.delete("bench:raw")
+    engine = db.get_engine()
+    now = datetime.now(UTC)
+    rows = [{"message_id": c["messageId"], "type": c["type"], "user_id": c["userId"],
+             "properties": json.dumps(c.get("properties") or c.get("traits") or {}), "ts": now} for c in calls]
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS bench_floor")
+        conn.exec_driver_sql("CREATE TABLE bench_floor (id bigserial primary key, message_id text unique, "
+                             "type text, user_id text, properties json, ts timestamptz)")
+    from sqlalchemy import text
+
+    insert = text("INSERT INTO bench_floor (message_id, type, user_id, properties, ts) "
+                  "VALUES (:message_id, :type, :user_id, :properties, :ts)")
+    start = time.perf_counter()
+    for i in range(0, len(rows), 500):
+        with engine.begin() as conn:
+            conn.execute(insert, rows[i : i + 500])
+    pg_rate = len(rows) / (time.perf_counter() - start)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE bench_floor")
+    return {"redis_push_events_per_s": redis_rate, "postgres_insert_rows_per_s": pg_rate}
+
+
+def run_naive(settings, env, calls, workers: int) -> dict:
+    redis = connect(settings)
+    redis.flushdb()
+    ws_id, _ = new_workspace()
+    now = datetime.now(UTC).isoformat()
+    q = Queue("naive", connection=redis)
+    jobs = [Queue.prepare_data("bench.naive.apply_one", args=(dict(c, ws=ws_id, timestamp=now, receivedAt=now),),
+                               result_ttl=0) for c in calls]
+    start = time.perf_counter()
+    for i in range(0, len(jobs), 1000):
+        q.enqueue_many(jobs[i : i + 1000])
+    stack = Stack(dict(env, KANA_QUEUE="naive"), workers, web=False)
+    try:
+        while stored(ws_id) < len(calls):
+            time.sleep(0.05)
+        total = time.perf_counter() - start
+    finally:
+        stack.stop()
+    return {"e2e_events_per_s": len(calls) / total}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--naive-events", type=int, default=None, help="calls for the naive run (default: --events)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[2])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--users", type=int, default=10000)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a few seconds: tiny sizes, one repetition")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.events, args.users, args.reps, args.naive_events = 300, 50, 1, 100
+
+    settings = config.load()
+    if settings.redis_url is None:
+        print("set REDIS_URL (and DATABASE_URL) to the Redis and PostgreSQL to measure", file=sys.stderr)
+        return 2
+    migrate.upgrade(settings.database_url)
+    db.configure(settings.database_url)
+    env = dict(os.environ, DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url,
+               SECRET_KEY=settings.secret_key, KANA_KEY_CACHE_TTL="60")
+    calls = workload(args.events, args.users)
+    naive_calls = calls[: args.naive_events or args.events]
+    report: dict = {"when": datetime.now(UTC).isoformat(), "events": args.events, "users": args.users,
+                    "database": settings.database_url.split("@")[-1], "runs": {}}
+    receiver, floors = [], []
+    for rep in range(args.reps):
+        receiver.append(run_receiver(settings, env, calls))
+        floors.append(run_floors(settings, calls))
+        print(f"rep={rep + 1}: receiver {receiver[-1]}, floors {floors[-1]}", flush=True)
+    report["receiver"] = {"runs": receiver, "median": {k: statistics.median(r[k] for r in receiver)
+                                                       for k in receiver[0]}}
+    report["floors"] = {"runs": floors, "median": {k: statistics.median(r[k] for r in floors) for k in floors[0]}}
+    for workers in args.workers:
+        ours, naive = [], []
+        for rep in range(args.reps):
+            ours.append(run_ours(settings, env, calls, workers))
+            if not args.skip_naive:
+                naive.append(run_naive(settings, env, naive_calls, workers))
+            print(f"workers={workers} rep={rep + 1}: ours e2e {ours[-1]['e2e_events_per_s']:.0f}/s "
+                  f"(ingest {ours[-1]['ingest_events_per_s']:.0f}/s)"
+                  + (f", naive {naive[-1]['e2e_events_per_s']:.0f}/s" if naive else ""), flush=True)
+        med = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
+        run = {"ours": ours, "median": med}
+        if naive:
+            naive_med = statistics.median(r["e2e_events_per_s"] for r in naive)
+            run.update(naive=naive, naive_median_e2e=naive_med, ratio_vs_naive=med["e2e_events_per_s"] / naive_med)
+        floor_pg = report["floors"]["median"]["postgres_insert_rows_per_s"]
+        run["ratio_vs_postgres_floor"] = med["e2e_events_per_s"] / floor_pg
+        report["runs"][str(workers)] = run
+        print(f"SUMMARY workers={workers}: e2e {med['e2e_events_per_s']:.0f} events/s"
+              + (f", naive {run['naive_median_e2e']:.0f} events/s, {run['ratio_vs_naive']:.1f}x naive" if naive
+                 else "")
+              + f", {run['ratio_vs_postgres_floor']:.2f}x the PostgreSQL insert floor")
+    rm = report["receiver"]["median"]
+    print(f"SUMMARY receiver: /v1/batch {rm['batch_events_per_s']:.0f} events/s; /segment "
+          f"{rm['segment_requests_per_s']:.0f} req/s, p50 {rm['segment_p50_ms']:.1f} ms, "
+          f"p99 {rm['segment_p99_ms']:.1f} ms")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

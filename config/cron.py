@@ -1,0 +1,14 @@
+"""RQ cron configuration: ``rq cron config/cron.py`` (the Procfile's scheduler)."""
+
+from rq import cron
+
+import config
+from jobs import flags, maintenance
+
+settings = config.load()
+
+# Partitions left with events but no live drain (a killed worker) are re-woken.
+cron.register(maintenance.recover, settings.queue_name, interval=settings.recover_interval, name="recover")
+# Flag tables (users without a billing id, shared emails) rebuilt for every workspace (SPEC §6).
+cron.register(flags.refresh_all, settings.queue_name, interval=settings.flags_interval, name="flags-refresh",
+              job_timeout=3600)

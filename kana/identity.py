@@ -1,0 +1,444 @@
+"""Users: resolution, identify, claims, merges, aliases and deletion (SPEC §4).
+
+One resolution function (``find_user``), one merge function (``merge``); every
+caller (identify, alias, API, CLI, CSV, dashboard) goes through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
+
+# Fields a merge fills from the merged-away users when the survivor lacks them.
+FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "group_name")
+CHUNK = 500
+
+
+class Conflict(ValueError):
+    """The change would break a uniqueness rule (e.g. a user_id already in use)."""
+
+
+@dataclass(frozen=True)
+class Traits:
+    """The identify traits Kana keeps; everything else is dropped."""
+
+    email: str | None = None
+    name: str | None = None
+    billing_id: str | None = None
+    billing_provider: str | None = None
+
+    def present(self) -> dict[str, str]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def email_key(email: str | None) -> str | None:
+    return email.strip().lower() if email else None
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+# --- resolution -------------------------------------------------------------
+
+
+def find_user(session: Session, workspace_id: int, user_id: str) -> User | None:
+    """The user whose user_id is ``user_id``, else the one it is an alias of."""
+    user = session.scalar(select(User).where(User.workspace_id == workspace_id, User.user_id == user_id))
+    if user is not None:
+        return user
+    return session.scalar(
+        select(User)
+        .join(Alias, Alias.kana_id == User.kana_id)
+        .where(Alias.workspace_id == workspace_id, Alias.alias == user_id)
+    )
+
+
+class Directory:
+    """``find_user`` with a per-transaction cache, preloaded for a whole batch.
+
+    Merges and deletes clear it (they are rare; correctness beats cleverness).
+    """
+
+    def __init__(self, session: Session, workspace_id: int) -> None:
+        self.session = session
+        self.workspace_id = workspace_id
+        self._cache: dict[str, User | None] = {}
+        # email_key -> unclaimed users (no user_id), locked, for a chunk's identify calls.
+        self._unclaimed: dict[str, list[User]] = {}
+
+    def preload(self, user_ids: Iterable[str]) -> None:
+        wanted = sorted({u for u in user_ids if u not in self._cache})
+        for i in range(0, len(wanted), CHUNK):
+            chunk = wanted[i : i + CHUNK]
+            found = {
+                u.user_id: u
+                for u in self.session.scalars(
+                    select(User).where(User.workspace_id == self.workspace_id, User.user_id.in_(chunk))
+                )
+            }
+            missing = [u for u in chunk if u not in found]
+            if missing:
+                rows = self.session.execute(
+                    select(Alias.alias, User)
+                    .join(User, User.kana_id == Alias.kana_id)
+                    .where(Alias.workspace_id == self.workspace_id, Alias.alias.in_(missing))
+                )
+                found.update({alias: user for alias, user in rows})
+            for u in chunk:
+                self._cache[u] = found.get(u)
+
+    def preload_unclaimed(self, emails: Iterable[str]) -> None:
+        """Load (and on PostgreSQL lock) the unclaimed users of these emails in one query.
+
+        The lock is what stops two workers from claiming the same unclaimed user;
+        rows are locked in kana_id order so two chunks can't wait on each other.
+        """
+        wanted = sorted({k for k in map(email_key, emails) if k and k not in self._unclaimed})
+        for i in range(0, len(wanted), CHUNK):
+            chunk = wanted[i : i + CHUNK]
+            for key in chunk:
+                self._unclaimed[key] = []
+            stmt = (
+                select(User)
+                .where(User.workspace_id == self.workspace_id, User.email_key.in_(chunk), User.user_id.is_(None))
+                .order_by(User.kana_id)
+            )
+            if _is_postgres(self.session):
+                stmt = stmt.with_for_update()
+            for user in self.session.scalars(stmt):
+                self._unclaimed[user.email_key].append(user)
+
+    def unclaimed(self, email: str, exclude: int | None = None) -> list[User]:
+        """Users with this email and no user_id (e.g. Stripe imports), locked."""
+        key = email_key(email)
+        if key not in self._unclaimed:
+            self.session.flush()  # pending claims must be visible to the query
+            self.preload_unclaimed([email])
+        return [u for u in self._unclaimed[key] if u.user_id is None and u.kana_id != exclude]
+
+    def find(self, user_id: str) -> User | None:
+        if user_id not in self._cache:
+            self._cache[user_id] = find_user(self.session, self.workspace_id, user_id)
+        return self._cache[user_id]
+
+    def remember(self, user_id: str, user: User | None) -> None:
+        self._cache[user_id] = user
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._unclaimed.clear()
+
+    def get_or_create(self, user_id: str, source: str = "segment") -> User:
+        user = self.find(user_id)
+        if user is None:
+            user = User(workspace_id=self.workspace_id, user_id=user_id, source=source)
+            self.session.add(user)
+            self.remember(user_id, user)
+        return user
+
+
+def aliases_of(session: Session, workspace_id: int, kana_id: int) -> list[str]:
+    return list(
+        session.scalars(
+            select(Alias.alias)
+            .where(Alias.workspace_id == workspace_id, Alias.kana_id == kana_id)
+            .order_by(Alias.alias)
+        )
+    )
+
+
+def _taken(session: Session, workspace_id: int, user_id: str) -> bool:
+    return find_user(session, workspace_id, user_id) is not None
+
+
+def create_user(
+    session: Session,
+    workspace_id: int,
+    *,
+    user_id: str | None = None,
+    email: str | None = None,
+    name: str | None = None,
+    billing_id: str | None = None,
+    billing_provider: str | None = None,
+    source: str = "api",
+) -> User:
+    """Create a claimed (with user_id) or unclaimed user; Conflict if the user_id is in use."""
+    user_id = user_id or None
+    if user_id is not None and _taken(session, workspace_id, user_id):
+        raise Conflict(f"user_id {user_id!r} is already in use in this workspace")
+    user = User(
+        workspace_id=workspace_id,
+        user_id=user_id,
+        email=email or None,
+        email_key=email_key(email),
+        name=name or None,
+        billing_id=billing_id or None,
+        billing_provider=billing_provider if billing_id else None,
+        source=source,
+    )
+    session.add(user)
+    session.flush()
+    return user
+
+
+# --- identify ---------------------------------------------------------------
+
+
+def apply_traits(user: User, traits: Traits, at: datetime | None) -> None:
+    """Set the traits present; an identify older than the last applied one only fills blanks."""
+    newer = at is None or user.traits_at is None or at >= user.traits_at
+    for field, value in traits.present().items():
+        if newer or getattr(user, field) is None:
+            setattr(user, field, value)
+            if field == "email":
+                user.email_key = email_key(value)
+    if newer and at is not None:
+        user.traits_at = at
+
+
+def _billing_conflict(*ids: str | None) -> bool:
+    return len({i for i in ids if i}) > 1
+
+
+def identify(directory: Directory, user_id: str, traits: Traits, at: datetime | None) -> User:
+    """SPEC §4.1: create, update, claim or merge the user identified by ``user_id``."""
+    session, ws = directory.session, directory.workspace_id
+    user = directory.find(user_id)
+    if user is not None:
+        apply_traits(user, traits, at)
+        if traits.email:
+            candidates = directory.unclaimed(traits.email, exclude=user.kana_id)
+            if len(candidates) == 1 and not _billing_conflict(user.billing_id, candidates[0].billing_id):
+                user = merge(session, ws, [user, candidates[0]], trigger="identify",
+                             detail={"user_id": user_id})
+                directory.clear()
+                directory.remember(user_id, user)
+                # The triggering call's values win over both users'.
+                apply_traits(user, traits, at)
+        return user
+
+    candidates = directory.unclaimed(traits.email) if traits.email else []
+    if len(candidates) == 1 and not _billing_conflict(traits.billing_id, candidates[0].billing_id):
+        user = candidates[0]
+        user.user_id = user_id  # the unclaimed user (e.g. a Stripe import) claims this id
+    else:
+        user = User(workspace_id=ws, user_id=user_id, source="segment")
+        session.add(user)
+    apply_traits(user, traits, at)
+    directory.remember(user_id, user)
+    return user
+
+
+# --- merge ------------------------------------------------------------------
+
+
+def _lock(session: Session, users: list[User]) -> list[User]:
+    """Re-read the users locked (PostgreSQL), in kana_id order to avoid lock cycles."""
+    if not _is_postgres(session):
+        return users
+    ids = sorted(u.kana_id for u in users)
+    locked = list(
+        session.scalars(
+            select(User).where(User.kana_id.in_(ids)).order_by(User.kana_id).with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    )
+    return locked
+
+
+def merge(
+    session: Session,
+    workspace_id: int,
+    users: list[User],
+    *,
+    trigger: str,
+    actor: str | None = None,
+    detail: dict | None = None,
+) -> User:
+    """Merge users into the one created first (ties: lowest kana_id). SPEC §4.3.
+
+    The survivor keeps its values and fills blanks from the others (in creation
+    order); events, usage and aliases move to it; the others' user_ids become its
+    aliases; the others are removed; the merge is audited.
+    """
+    session.flush()  # users created earlier in this chunk need their kana_id
+    unique = {u.kana_id: u for u in users}
+    if len(unique) < 2:
+        raise ValueError("a merge needs at least two distinct users")
+    if any(u.workspace_id != workspace_id for u in unique.values()):
+        raise ValueError("users of another workspace cannot be merged")
+    ordered = sorted(_lock(session, list(unique.values())), key=lambda u: (u.created_at, u.kana_id))
+    if len(ordered) != len(unique):
+        raise Conflict("a user to merge no longer exists")
+    survivor, others = ordered[0], ordered[1:]
+    other_ids = [u.kana_id for u in others]
+
+    for model in (Event, Usage, Alias):
+        session.execute(
+            update(model)
+            .where(model.workspace_id == workspace_id, model.kana_id.in_(other_ids))
+            .values(kana_id=survivor.kana_id)
+            .execution_options(synchronize_session=False)
+        )
+    for field in FILLABLE:
+        if getattr(survivor, field) is None:
+            value = next((getattr(o, field) for o in others if getattr(o, field) is not None), None)
+            setattr(survivor, field, value)
+    survivor.email_key = email_key(survivor.email)
+    stamps = [u.traits_at for u in ordered if u.traits_at is not None]
+    survivor.traits_at = max(stamps) if stamps else None
+
+    other_user_ids = [o.user_id for o in others if o.user_id]
+    adopted = None
+    if survivor.user_id is None and other_user_ids:
+        adopted = other_user_ids.pop(0)
+    snapshot = {
+        "survivor": {"kana_id": survivor.kana_id, "user_id": survivor.user_id},
+        "merged": [{"kana_id": o.kana_id, "user_id": o.user_id, "created_at": o.created_at.isoformat()}
+                   for o in others],
+        **(detail or {}),
+    }
+    for other in others:
+        session.delete(other)
+    # The merged-away rows must be gone before their user_id moves (unique per workspace).
+    session.flush()
+    if adopted is not None:
+        survivor.user_id = adopted
+    for alias in other_user_ids:
+        session.add(Alias(workspace_id=workspace_id, alias=alias, kana_id=survivor.kana_id))
+    session.add(
+        Audit(
+            workspace_id=workspace_id,
+            action="merge",
+            trigger=trigger,
+            actor=actor,
+            survivor_kana_id=survivor.kana_id,
+            kana_ids=[u.kana_id for u in ordered],
+            detail=snapshot,
+        )
+    )
+    session.flush()
+    return survivor
+
+
+# --- alias ------------------------------------------------------------------
+
+
+def alias(directory: Directory, previous_id: str, user_id: str, *, at: datetime | None = None) -> User | None:
+    """SPEC §4.4: rename (P exists, U doesn't), merge (both exist) or record a no-op."""
+    session, ws = directory.session, directory.workspace_id
+    previous = directory.find(previous_id)
+    current = directory.find(user_id)
+    result = "noop"
+    user = current
+    if previous is not None and current is None:
+        old = previous.user_id
+        previous.user_id = user_id
+        session.flush()
+        if old and old != user_id:
+            session.add(Alias(workspace_id=ws, alias=old, kana_id=previous.kana_id))
+        user, result = previous, "renamed"
+        directory.clear()
+    elif previous is not None and current is not None and previous is not current:
+        if _billing_conflict(previous.billing_id, current.billing_id):
+            result = "billing_conflict"
+        else:
+            user = merge(session, ws, [previous, current], trigger="alias",
+                         detail={"previous_id": previous_id, "user_id": user_id})
+            if user.user_id != user_id:
+                # The call's userId is the identity going forward (its payload wins
+                # over both users): it becomes the survivor's user_id, the old one an alias.
+                session.execute(delete(Alias).where(Alias.workspace_id == ws, Alias.alias == user_id))
+                if user.user_id:
+                    session.add(Alias(workspace_id=ws, alias=user.user_id, kana_id=user.kana_id))
+                user.user_id = user_id
+            result = "merged"
+            directory.clear()
+    session.add(
+        Audit(
+            workspace_id=ws,
+            action="alias",
+            trigger="alias",
+            survivor_kana_id=user.kana_id if user is not None else None,
+            kana_ids=[u.kana_id for u in (previous, current) if u is not None],
+            detail={"previous_id": previous_id, "user_id": user_id, "result": result},
+        )
+    )
+    session.flush()
+    return user
+
+
+# --- deletion ---------------------------------------------------------------
+
+
+def delete_users(
+    session: Session, workspace_id: int, kana_ids: list[int], *, trigger: str, actor: str | None = None,
+    gdpr: bool = False,
+) -> int:
+    """Delete users with their usage, events and aliases; audited. Returns users deleted."""
+    ids = sorted(set(kana_ids))
+    if not ids:
+        return 0
+    session.flush()
+    users = list(session.scalars(select(User).where(User.workspace_id == workspace_id, User.kana_id.in_(ids))))
+    if not users:
+        return 0
+    ids = [u.kana_id for u in users]
+    user_ids = [u.user_id for u in users if u.user_id]
+    counts = {}
+    for name, model in (("usage", Usage), ("events", Event), ("aliases", Alias)):
+        counts[name] = session.execute(
+            delete(model)
+            .where(model.workspace_id == workspace_id, model.kana_id.in_(ids))
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    if gdpr and user_ids:
+        counts["dead_letters"] = session.execute(
+            delete(DeadLetter).where(DeadLetter.workspace_id == workspace_id, DeadLetter.user_id.in_(user_ids))
+        ).rowcount
+    for user in users:
+        session.delete(user)
+    if gdpr:
+        # Earlier merge records name this user's ids; only a PII-free trace may remain.
+        session.execute(
+            update(Audit)
+            .where(Audit.workspace_id == workspace_id, Audit.survivor_kana_id.in_(ids))
+            .values(detail={"redacted": "gdpr"})
+        )
+        detail = {"users": len(users), **counts}
+    else:
+        detail = {"users": [{"kana_id": u.kana_id, "user_id": u.user_id} for u in users], **counts}
+    session.add(
+        Audit(
+            workspace_id=workspace_id,
+            action="gdpr_delete" if gdpr else "delete",
+            trigger=trigger,
+            actor=actor,
+            kana_ids=ids,
+            detail=detail,
+        )
+    )
+    session.flush()
+    return len(users)
+
+
+def gdpr_delete(directory: Directory, user_id: str) -> int:
+    """SPEC §4.6: remove the user U resolves to, with events, usage and aliases."""
+    user = directory.find(user_id)
+    if user is None:
+        return 0
+    n = delete_users(directory.session, directory.workspace_id, [user.kana_id], trigger="delete", gdpr=True)
+    directory.clear()
+    return n
+
+
+def count_users(session: Session, workspace_id: int) -> int:
+    stmt = select(func.count()).select_from(User).where(User.workspace_id == workspace_id)
+    return session.scalar(stmt) or 0

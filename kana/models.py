@@ -1,0 +1,327 @@
+"""Database schema. Every row belongs to a workspace; every query filters by it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets BIGINT.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps naive ones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Amount(TypeDecorator):
+    """Usage amounts: exact decimals on PostgreSQL, stored as text-free REAL on SQLite."""
+
+    impl = Numeric(28, 9)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "sqlite":
+            # SQLite has no decimal type; avoid SQLAlchemy's lossy-Decimal warning.
+            from sqlalchemy import Float
+
+            return dialect.type_descriptor(Float())
+        return dialect.type_descriptor(Numeric(28, 9))
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value is None:
+            return None
+        return float(value) if dialect.name == "sqlite" else Decimal(str(value))
+
+    def process_result_value(self, value: Any, dialect: Any) -> Decimal | None:
+        return None if value is None else Decimal(str(value))
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[dict[str, Any]]: JSON}
+
+
+class Workspace(Base):
+    __tablename__ = "workspaces"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    billing_provider: Mapped[str | None] = mapped_column(String(20))
+    stripe_api_key: Mapped[str | None] = mapped_column(Text)
+    chargebee_site: Mapped[str | None] = mapped_column(String(200))
+    chargebee_api_key: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    # The key itself is never stored: only its SHA-256 (keys are 256-bit random,
+    # so a fast hash is enough) and a short prefix to recognise it by.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(10))  # ingest | admin
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "user_id", name="uq_users_workspace_user_id"),
+        Index("ix_users_workspace_email", "workspace_id", "email_key"),
+        Index("ix_users_workspace_billing", "workspace_id", "billing_id"),
+    )
+
+    kana_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    # NULL, never "", when the user has no external id (e.g. a Stripe import).
+    user_id: Mapped[str | None] = mapped_column(Text)
+    email: Mapped[str | None] = mapped_column(Text)
+    # Lower-cased email: emails compare case-insensitively.
+    email_key: Mapped[str | None] = mapped_column(Text)
+    name: Mapped[str | None] = mapped_column(Text)
+    billing_id: Mapped[str | None] = mapped_column(String(100))
+    billing_provider: Mapped[str | None] = mapped_column(String(20))
+    group_id: Mapped[str | None] = mapped_column(Text)
+    group_name: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(20))  # segment|stripe|chargebee|csv|api
+    # Timestamp of the newest identify applied: older ones only fill blanks.
+    traits_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Alias(Base):
+    """A user_id that now resolves to another user (after a merge or alias call)."""
+
+    __tablename__ = "aliases"
+
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
+    alias: Mapped[str] = mapped_column(Text, primary_key=True)
+    kana_id: Mapped[int] = mapped_column(ForeignKey("users.kana_id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "message_id", name="uq_events_workspace_message"),
+        Index("ix_events_workspace_status", "workspace_id", "status", "id"),
+        Index("ix_events_kana_id", "kana_id", "timestamp"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    message_id: Mapped[str] = mapped_column(String(200))
+    type: Mapped[str] = mapped_column(String(20))
+    # track: event name; page/screen: page name; group: groupId.
+    name: Mapped[str | None] = mapped_column(Text)
+    user_id: Mapped[str] = mapped_column(Text)
+    kana_id: Mapped[int | None] = mapped_column(ForeignKey("users.kana_id"))
+    timestamp: Mapped[datetime]
+    received_at: Mapped[datetime]
+    properties: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # processed (identify/group/alias), mapped or unmapped (track/page/screen)
+    status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    feature_id: Mapped[str | None] = mapped_column(String(100))
+    processed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # Lets a chunk attach events to users created in the same chunk and insert
+    # them all in one flush (the kana_id is only known after the user's INSERT).
+    user: Mapped[User | None] = relationship()
+
+
+class Feature(Base):
+    __tablename__ = "features"
+
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(20))  # consumable | binary
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Usage(Base):
+    """The ledger billing runs on: one row per event at most."""
+
+    __tablename__ = "usage"
+    __table_args__ = (
+        Index("ix_usage_user_feature_at", "workspace_id", "kana_id", "feature_id", "at"),
+        Index("ix_usage_feature_at", "workspace_id", "feature_id", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    kana_id: Mapped[int] = mapped_column(ForeignKey("users.kana_id"))
+    feature_id: Mapped[str] = mapped_column(String(100))
+    delta: Mapped[Decimal] = mapped_column(Amount)
+    at: Mapped[datetime]
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    # Lets a chunk add an event and its usage together and insert both in one flush.
+    event: Mapped[Event] = relationship()
+    user: Mapped[User] = relationship()
+
+
+class Audit(Base):
+    """Merges, deletes and alias calls: who or what triggered them, ids, time."""
+
+    __tablename__ = "audit"
+    __table_args__ = (Index("ix_audit_workspace_at", "workspace_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    action: Mapped[str] = mapped_column(String(30))  # merge | delete | gdpr_delete | alias
+    trigger: Mapped[str] = mapped_column(String(30))  # identify|alias|api|cli|csv|dashboard|delete
+    actor: Mapped[str | None] = mapped_column(Text)
+    survivor_kana_id: Mapped[int | None] = mapped_column(BigInteger)
+    kana_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeadLetter(Base):
+    """An accepted call that failed processing for a data reason: kept, shown, retryable."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (UniqueConstraint("workspace_id", "message_id", name="uq_dead_workspace_message"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    message_id: Mapped[str] = mapped_column(String(200))
+    # Kept so a GDPR delete can find (and remove) a user's failed calls too.
+    user_id: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Rule(Base):
+    """A no-code mapping from calls (event name, optional type, AND conditions) to a feature."""
+
+    __tablename__ = "rules"
+    __table_args__ = (Index("ix_rules_workspace_priority", "workspace_id", "priority", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    feature_id: Mapped[str] = mapped_column(String(100))
+    event: Mapped[str] = mapped_column(Text)
+    # None: any mappable call type (track, page, screen) with that name.
+    type: Mapped[str | None] = mapped_column(String(20))
+    conditions: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    delta_property: Mapped[str | None] = mapped_column(Text)
+    # Lower runs first; the first matching rule wins.
+    priority: Mapped[int] = mapped_column(Integer, default=100)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UserFlag(Base):
+    """The current flag set of a workspace, rebuilt atomically by the flags job (SPEC §6)."""
+
+    __tablename__ = "user_flags"
+    __table_args__ = (Index("ix_user_flags_email", "workspace_id", "flag", "email_key"),)
+
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
+    flag: Mapped[str] = mapped_column(String(30), primary_key=True)  # missing_billing_id | duplicate_email
+    kana_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # For duplicate_email: the shared (lower-cased) email the group is keyed by.
+    email_key: Mapped[str | None] = mapped_column(Text)
+
+
+class FlagRefresh(Base):
+    """When a workspace's flags were last rebuilt, and their counts then."""
+
+    __tablename__ = "flag_refreshes"
+
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
+    refreshed_at: Mapped[datetime]
+    missing_billing_id: Mapped[int] = mapped_column(Integer, default=0)
+    duplicate_email: Mapped[int] = mapped_column(Integer, default=0)
+    duplicate_groups: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class CsvImport(Base):
+    """One CSV import: progress counters and the line-numbered report."""
+
+    __tablename__ = "csv_imports"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    filename: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(20), default="queued")  # queued|running|finished|failed
+    job_id: Mapped[str | None] = mapped_column(String(64))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    processed: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[int] = mapped_column(Integer, default=0)
+    updated: Mapped[int] = mapped_column(Integer, default=0)
+    merged: Mapped[int] = mapped_column(Integer, default=0)
+    unchanged: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    # [{"line": n, "status": "failed", "errors": {...}}, ...] (failed rows; capped)
+    report: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class DashboardAdmin(Base):
+    """A person who logs in to the operator dashboard; sees only their workspace."""
+
+    __tablename__ = "dashboard_admins"
+    __table_args__ = (UniqueConstraint("workspace_id", "email", name="uq_dashboard_admins_workspace_email"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), index=True)
+    # Stored lower-cased: logins compare emails case-insensitively.
+    email: Mapped[str] = mapped_column(String(320))
+    # werkzeug's scrypt hash ("scrypt:32768:8:1$salt$hash"); never the password.
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None]
+
+
+# The dashboard's events-per-hour chart reads a workspace's recent events by
+# arrival time; without this index that is a scan of all its events.
+Index("ix_events_workspace_received", Event.workspace_id, Event.received_at)

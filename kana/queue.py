@@ -1,0 +1,229 @@
+"""The Redis side of ingestion: partitioned event lists, drain locks, wake-ups.
+
+Accepted calls are appended to one of ``settings.partitions`` Redis lists, chosen
+by (workspace, userId), so all calls of one user are drained in order by one
+worker at a time. A drain job holds the partition's lock, moves a chunk of events
+to the partition's *inflight* list, applies them in one database transaction,
+then acknowledges (trims) them. A worker killed mid-chunk leaves the chunk in the
+inflight list; the next holder re-applies it first, and the unique messageId per
+workspace makes that re-application a no-op for whatever had committed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from redis import Redis
+
+PREFIX = "kana"
+DRAIN_JOB = "jobs.events.drain"
+
+
+def queue_key(p: int) -> str:
+    return f"{PREFIX}:q:{p}"
+
+
+def inflight_key(p: int) -> str:
+    return f"{PREFIX}:inflight:{p}"
+
+
+def lock_key(p: int) -> str:
+    return f"{PREFIX}:lock:{p}"
+
+
+def wake_key(p: int) -> str:
+    return f"{PREFIX}:wake:{p}"
+
+
+def stats_key(workspace_id: int) -> str:
+    return f"{PREFIX}:stats:{workspace_id}"
+
+
+# A wake flag outlives a lost job by at most this long; the recovery job covers the gap.
+WAKE_TTL = 600
+
+# Move up to ARGV[2] events to the inflight list, unless a previous holder left
+# some there: those come first, exactly as they were.
+_CLAIM = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return false end
+local left = redis.call('LRANGE', KEYS[2], 0, -1)
+if #left > 0 then return left end
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+if #items == 0 then return items end
+redis.call('LTRIM', KEYS[1], #items, -1)
+redis.call('RPUSH', KEYS[2], unpack(items))
+return items
+"""
+
+# Drop the applied chunk from the inflight list and refresh the lock, only if we
+# still hold it (a holder that lost its lock must leave the chunk to the next).
+# ARGV: token, count, ttl_ms, then pairs of (stats key, applied count).
+_ACK = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('LTRIM', KEYS[1], tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+for i = 4, #ARGV, 2 do
+  redis.call('HINCRBY', ARGV[i], 'pending', -tonumber(ARGV[i + 1]))
+end
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LockLost(RuntimeError):
+    """The partition lock expired while this drain was applying a chunk."""
+
+
+def partition_of(workspace_id: int, user_id: str, partitions: int) -> int:
+    return zlib.crc32(f"{workspace_id}\x1f{user_id}".encode()) % partitions
+
+
+def dumps(event: dict) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+def push(redis: Redis, events: Iterable[dict], partitions: int) -> set[int]:
+    """Append events to their partitions atomically (MULTI/EXEC); returns partitions touched.
+
+    Each event must carry ``ws`` (workspace id) and ``userId``. Raises redis errors
+    as they come: the caller answers 503 and the sender retries.
+    """
+    pipe = redis.pipeline(transaction=True)
+    touched: set[int] = set()
+    per_ws: Counter[int] = Counter()
+    for event in events:
+        p = partition_of(event["ws"], event["userId"], partitions)
+        pipe.rpush(queue_key(p), dumps(event))
+        touched.add(p)
+        per_ws[event["ws"]] += 1
+    for ws, n in per_ws.items():
+        pipe.hincrby(stats_key(ws), "received", n)
+        pipe.hincrby(stats_key(ws), "pending", n)
+    pipe.execute()
+    return touched
+
+
+def claim_wakeups(redis: Redis, partitions: Iterable[int]) -> list[int]:
+    """Set the wake flag of each partition; returns those that had none (need a drain job)."""
+    parts = list(partitions)
+    pipe = redis.pipeline(transaction=False)
+    for p in parts:
+        pipe.set(wake_key(p), "1", nx=True, ex=WAKE_TTL)
+    return [p for p, was_set in zip(parts, pipe.execute(), strict=True) if was_set]
+
+
+@dataclass
+class DrainResult:
+    chunks: int = 0
+    events: int = 0
+    # True when the drain stopped on its time slice with events left: the wake
+    # flag is still set, so the caller must enqueue the next drain itself.
+    yielded: bool = False
+
+
+def _acquire(redis: Redis, p: int, token: str, ttl_ms: int, wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        if redis.set(lock_key(p), token, nx=True, px=ttl_ms):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def drain(
+    redis: Redis,
+    partition: int,
+    apply: Callable[[list[dict]], None],
+    *,
+    batch_size: int,
+    lock_ttl: float,
+    max_seconds: float | None = None,
+) -> DrainResult:
+    """Apply the partition's events chunk by chunk until it is empty.
+
+    ``apply`` must commit the chunk before returning; exceptions propagate (the
+    chunk stays inflight for the next holder).
+    """
+    token = uuid.uuid4().hex
+    ttl_ms = int(lock_ttl * 1000)
+    # A holder that is still running will hand over soon; one that died frees the
+    # lock when its TTL runs out. Either way waiting here is what keeps a wake-up
+    # from being lost (the holder may have left the queue to us).
+    if not _acquire(redis, partition, token, ttl_ms, wait=lock_ttl * 2):
+        raise TimeoutError(f"partition {partition} stayed locked for {lock_ttl * 2:.0f}s")
+    claim, ack, release = (redis.register_script(s) for s in (_CLAIM, _ACK, _RELEASE))
+    keys = [queue_key(partition), inflight_key(partition), lock_key(partition)]
+    result = DrainResult()
+    started = time.monotonic()
+    try:
+        while True:
+            raw = claim(keys=keys, args=[token, batch_size])
+            if raw is None:
+                raise LockLost(f"partition {partition}: lock lost before claiming")
+            if not raw:
+                # Empty: clear the wake flag, then look again. A push that landed
+                # after our look set the flag anew and enqueued its own drain.
+                redis.delete(wake_key(partition))
+                if redis.llen(queue_key(partition)) == 0:
+                    break
+                if not redis.set(wake_key(partition), "1", nx=True, ex=WAKE_TTL):
+                    break
+                continue
+            events = [json.loads(item) for item in raw]
+            apply(events)
+            per_ws = Counter(e.get("ws") for e in events)
+            args: list = [token, len(raw), ttl_ms]
+            for ws, n in per_ws.items():
+                args += [stats_key(ws), n]
+            if not ack(keys=[inflight_key(partition), lock_key(partition)], args=args):
+                raise LockLost(f"partition {partition}: lock expired while applying a chunk")
+            result.chunks += 1
+            result.events += len(raw)
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                # Under sustained load a partition never empties; give the
+                # worker back so other partitions' drains get their turn.
+                result.yielded = True
+                break
+    finally:
+        release(keys=[lock_key(partition)], args=[token])
+    return result
+
+
+def stranded(redis: Redis, partitions: int) -> list[int]:
+    """Partitions holding events that no live drain holds the lock for."""
+    pipe = redis.pipeline(transaction=False)
+    for p in range(partitions):
+        pipe.llen(queue_key(p))
+        pipe.llen(inflight_key(p))
+        pipe.exists(lock_key(p))
+    values = pipe.execute()
+    out = []
+    for p in range(partitions):
+        queued, inflight, locked = values[3 * p : 3 * p + 3]
+        if (queued or inflight) and not locked:
+            out.append(p)
+    return out
+
+
+def depth(redis: Redis, partitions: int) -> int:
+    pipe = redis.pipeline(transaction=False)
+    for p in range(partitions):
+        pipe.llen(queue_key(p))
+        pipe.llen(inflight_key(p))
+    return sum(pipe.execute())
+
+
+def workspace_counters(redis: Redis, workspace_id: int) -> dict[str, int]:
+    raw = redis.hgetall(stats_key(workspace_id))
+    return {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in raw.items()}

@@ -1,0 +1,29 @@
+"""What a process needs at run time: its settings, the database, Redis and RQ."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from redis import Redis
+from rq import Queue
+
+from config import Settings
+from kana import broker, db
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        db.configure(settings.database_url)
+
+    @cached_property
+    def redis(self) -> Redis:
+        # Connected lazily: building an app or a worker starts no server.
+        return broker.connect(self.settings)
+
+    @cached_property
+    def queue(self) -> Queue:
+        return broker.job_queue(self.redis, self.settings)
+
+    def wake(self, partitions: set[int] | list[int], *, force: bool = False) -> int:
+        return broker.wake(self.redis, self.settings, partitions, force=force)

@@ -1,0 +1,153 @@
+"""The Redis side of processing: partitions, drain locks, inflight recovery, wake-ups."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import sessionmaker
+
+from jobs import maintenance
+from kana import processor
+from kana import queue as q
+from kana.db import Session
+from kana.models import Event, Feature, Usage
+
+NOW = "2026-11-23T00:00:00+00:00"
+
+
+def call(ws: int, i: int, user: str = "u1") -> dict:
+    return {"ws": ws, "type": "track", "messageId": f"m{i}", "userId": user, "event": "E",
+            "properties": {"featureId": "f"}, "timestamp": NOW, "receivedAt": NOW}
+
+
+@pytest.fixture
+def ws(workspace):
+    with Session.begin() as s:
+        s.add(Feature(workspace_id=workspace.id, id="f", name="F", type="consumable"))
+    return workspace.id
+
+
+def stored(ws: int) -> int:
+    with Session() as s:
+        return s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws))
+
+
+def test_one_user_always_lands_in_one_partition():
+    parts = {q.partition_of(1, "user-1", 16) for _ in range(10)}
+    assert len(parts) == 1
+    assert q.partition_of(1, "user-1", 16) != q.partition_of(2, "user-1", 16) or True
+    spread = {q.partition_of(1, f"user-{i}", 16) for i in range(200)}
+    assert len(spread) == 16
+
+
+def test_drain_applies_in_order_and_acknowledges(redis, ws):
+    seen: list[str] = []
+    q.push(redis, [call(ws, i) for i in range(25)], 4)
+    p = q.partition_of(ws, "u1", 4)
+    result = q.drain(redis, p, lambda evs: seen.extend(e["messageId"] for e in evs), batch_size=10, lock_ttl=5)
+    assert seen == [f"m{i}" for i in range(25)]
+    assert (result.chunks, result.events) == (3, 25)
+    assert redis.llen(q.queue_key(p)) == redis.llen(q.inflight_key(p)) == 0
+    assert not redis.exists(q.lock_key(p)) and not redis.exists(q.wake_key(p))
+    assert q.workspace_counters(redis, ws) == {"received": 25, "pending": 0}
+
+
+def test_chunk_of_a_failed_drain_stays_inflight_and_is_applied_first(redis, ws):
+    q.push(redis, [call(ws, i) for i in range(10)], 4)
+    p = q.partition_of(ws, "u1", 4)
+
+    def boom(events):
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError):
+        q.drain(redis, p, boom, batch_size=4, lock_ttl=5)
+    assert redis.llen(q.inflight_key(p)) == 4 and redis.llen(q.queue_key(p)) == 6
+    q.push(redis, [call(ws, 10)], 4)
+    seen: list[str] = []
+    q.drain(redis, p, lambda evs: seen.extend(e["messageId"] for e in evs), batch_size=4, lock_ttl=5)
+    assert seen == [f"m{i}" for i in range(11)]
+
+
+def test_commit_then_crash_before_ack_is_not_doubled(redis, ws):
+    """The chunk committed but the worker died before trimming it: re-applying is a no-op."""
+    q.push(redis, [call(ws, i) for i in range(6)], 4)
+    p = q.partition_of(ws, "u1", 4)
+
+    def commit_then_die(events):
+        processor.process(Session, events)
+        raise SystemExit("killed after commit")
+
+    with pytest.raises(SystemExit):
+        q.drain(redis, p, commit_then_die, batch_size=6, lock_ttl=5)
+    q.drain(redis, p, lambda evs: processor.process(Session, evs), batch_size=6, lock_ttl=5)
+    assert stored(ws) == 6
+    with Session() as s:
+        assert s.scalar(select(func.sum(Usage.delta)).where(Usage.workspace_id == ws)) == 6
+
+
+def test_holder_that_lost_its_lock_leaves_the_chunk_to_the_next(redis, ws):
+    q.push(redis, [call(ws, i) for i in range(3)], 4)
+    p = q.partition_of(ws, "u1", 4)
+
+    def stall(events):
+        redis.delete(q.lock_key(p))  # as if the TTL ran out mid-chunk
+        redis.set(q.lock_key(p), "someone-else", px=200)
+
+    with pytest.raises(q.LockLost):
+        q.drain(redis, p, stall, batch_size=3, lock_ttl=5)
+    assert redis.llen(q.inflight_key(p)) == 3
+
+
+def test_database_outage_keeps_the_chunk_queued(redis, ws):
+    q.push(redis, [call(ws, i) for i in range(5)], 4)
+    p = q.partition_of(ws, "u1", 4)
+    down = sessionmaker(bind=create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none",
+                                           connect_args={"connect_timeout": 1}))
+    with pytest.raises(OperationalError):
+        q.drain(redis, p, lambda evs: processor.process(down, evs), batch_size=5, lock_ttl=5)
+    assert redis.llen(q.inflight_key(p)) == 5
+    assert stored(ws) == 0
+    q.drain(redis, p, lambda evs: processor.process(Session, evs), batch_size=5, lock_ttl=5)
+    assert stored(ws) == 5
+
+
+def test_no_wakeup_is_lost_while_pushes_race_the_drain(redis, ws, runtime, work):
+    """Producers push while drains run and finish; every call is applied in the end."""
+    parts = runtime.settings.partitions
+    stop = threading.Event()
+    pushed = []
+
+    def produce():
+        i = 0
+        while not stop.is_set() and i < 1500:
+            batch = [call(ws, 100_000 + i + k, user=f"u{(i + k) % 7}") for k in range(5)]
+            runtime.wake(q.push(redis, batch, parts))
+            pushed.extend(batch)
+            i += 5
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    for _ in range(5):
+        work()
+    thread.join()
+    stop.set()
+    work()
+    assert stored(ws) == len(pushed)
+
+
+def test_recover_wakes_stranded_partitions_only(redis, ws, runtime, work):
+    parts = runtime.settings.partitions
+    touched = q.push(redis, [call(ws, i, user=f"s{i}") for i in range(20)], parts)
+    # Pushed without a wake-up (as if the enqueue after the push failed).
+    assert len(runtime.queue) == 0
+    locked = next(iter(touched))
+    redis.set(q.lock_key(locked), "live-holder", px=60_000)
+    woken = maintenance.recover()["woken"]
+    assert sorted(woken) == sorted(touched - {locked})
+    redis.delete(q.lock_key(locked))
+    maintenance.recover()
+    work()
+    assert stored(ws) == 20
