@@ -1,0 +1,31 @@
+"""Flag refresh jobs (SPEC §6): run by RQ's cron scheduler and on demand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rq import Queue
+
+from jobs import runtime
+from kana import flags
+from kana.db import Session
+
+
+def refresh(workspace_id: int | None = None) -> dict[str, Any]:
+    """Refresh one workspace's flags, or every workspace's when none is given."""
+    runtime()
+    if workspace_id is None:
+        return {"workspaces": flags.refresh_all(Session)}
+    with Session.begin() as session:
+        return flags.refresh(session, workspace_id)
+
+
+def refresh_all() -> dict[str, Any]:
+    """The scheduled run (config/cron.py): every workspace."""
+    return refresh(None)
+
+
+def enqueue_refresh(queue: Queue, workspace_id: int) -> str:
+    job = queue.enqueue(refresh, workspace_id, job_timeout=3600, result_ttl=24 * 3600,
+                        meta={"workspace_id": workspace_id, "progress": 0.0})
+    return job.id

@@ -1,0 +1,64 @@
+"""Import jobs: CSV files, Stripe and Chargebee customers. Progress goes to ``job.meta["progress"]``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+from rq import Queue, get_current_job
+
+from jobs import runtime
+from kana import billing_import, csvio
+from kana.db import Session
+
+# The uploaded file waits in Redis, which the web process and every worker
+# share (a local directory is not shared between machines); it is deleted once
+# imported and expires if no worker ever picks the job up.
+UPLOAD_TTL = 24 * 3600
+JOB_TIMEOUT = 6 * 3600
+
+
+def upload_key(import_id: int) -> str:
+    return f"kana:csv-upload:{import_id}"
+
+
+def _report(progress: float, **extra: Any) -> None:
+    job = get_current_job()
+    if job is not None:
+        job.meta.update(progress=progress, **extra)
+        job.save_meta()
+
+
+def csv_import(import_id: int, actor: str | None = None) -> dict[str, Any]:
+    rt = runtime()
+    data = rt.redis.get(upload_key(import_id))
+    if data is None:
+        return csvio.finish(Session, import_id, "failed",
+                            "The uploaded file is no longer available (it expires after a day); upload it again.")
+    result = csvio.run_import(Session, import_id, data, actor=actor,
+                              progress=lambda done, total: _report(done / total if total else 1.0))
+    rt.redis.delete(upload_key(import_id))
+    return result
+
+
+def billing(workspace_id: int, provider: str) -> dict[str, int]:
+    """Import a workspace's Stripe or Chargebee customers; the result counts created/updated/unchanged."""
+    rt = runtime()
+    # A listing has no total up front: progress stays 0 until done, "customers" says how far it got.
+    return billing_import.run(Session, workspace_id, provider, rt.settings,
+                              progress=lambda seen: _report(0.0, customers=seen))
+
+
+def enqueue_csv(queue: Queue, redis: Redis, import_id: int, job_id: str, data: bytes, *, workspace_id: int,
+                actor: str | None = None) -> str:
+    redis.set(upload_key(import_id), data, ex=UPLOAD_TTL)
+    job = queue.enqueue(csv_import, import_id, actor, job_id=job_id, job_timeout=JOB_TIMEOUT,
+                        result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600,
+                        meta={"workspace_id": workspace_id, "progress": 0.0})
+    return job.id
+
+
+def enqueue_billing(queue: Queue, workspace_id: int, provider: str) -> str:
+    job = queue.enqueue(billing, workspace_id, provider, job_timeout=JOB_TIMEOUT, result_ttl=7 * 24 * 3600,
+                        failure_ttl=7 * 24 * 3600, meta={"workspace_id": workspace_id, "progress": 0.0})
+    return job.id
