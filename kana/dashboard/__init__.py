@@ -1,0 +1,52 @@
+"""The operator dashboard (SPEC §8): server-rendered pages behind a login.
+
+Everything under ``/dashboard`` and the mounted rq-dashboard (``/rq``) needs a
+logged-in dashboard admin, who only ever sees their own workspace. Forms carry
+CSRF tokens (Flask-WTF), checked for this blueprint only: the receiver and the
+JSON API authenticate with API keys, not cookies, so CSRF does not apply there.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from flask import Blueprint, Flask, redirect, url_for
+from flask.typing import ResponseReturnValue
+from flask_wtf.csrf import CSRFProtect
+
+bp = Blueprint(
+    "dashboard",
+    __name__,
+    url_prefix="/dashboard",
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+csrf = CSRFProtect()
+
+
+def init_app(app: Flask) -> None:
+    """Register the dashboard, its session and CSRF settings, ``/`` → dashboard, and ``/rq``."""
+    settings = app.extensions["kana"].settings
+    app.config.update(
+        SESSION_COOKIE_NAME="kana_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.session_cookie_secure,
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        # Checked by the dashboard's own before_request, not app-wide (see the module doc).
+        WTF_CSRF_CHECK_DEFAULT=False,
+        # The token lives as long as the session: a page left open for an hour still submits.
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    csrf.init_app(app)
+
+    from kana.dashboard import rq_mount, views  # noqa: F401 - registers the routes on bp
+
+    app.register_blueprint(bp)
+    app.add_url_rule("/", "root", _root)
+    rq_mount.mount(app)
+
+
+def _root() -> ResponseReturnValue:
+    return redirect(url_for("dashboard.overview"))

@@ -1,0 +1,187 @@
+"""What every dashboard page shares: the login guard, CSRF, headers, errors and small helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Response, abort, current_app, flash, g, jsonify, redirect, render_template, request, session, url_for
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+from werkzeug.exceptions import HTTPException
+
+from kana.dashboard import bp, csrf
+from kana.db import Session
+from kana.models import DashboardAdmin, Workspace
+from kana.views import amount
+
+PUBLIC_ENDPOINTS = {"dashboard.login", "dashboard.static"}
+PAGE_SIZE = 50
+
+# Pages only load their own CSS, scripts and images; nothing inline, no framing.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+@dataclass(frozen=True)
+class Admin:
+    """The logged-in admin, as the request sees them."""
+
+    id: int
+    email: str
+    workspace_id: int
+    workspace_name: str
+
+    @property
+    def actor(self) -> str:
+        # What audit entries and imports record as "who".
+        return f"dashboard:{self.email}"
+
+
+def password_stamp(password_hash: str) -> str:
+    """A short fingerprint of the admin's password hash, kept in the session cookie.
+
+    Changing the password changes it, which ends every other session of that
+    admin (a signed cookie cannot otherwise be revoked server-side).
+    """
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+
+
+def log_in(admin: DashboardAdmin) -> None:
+    session.clear()  # no fixation: nothing from before the login survives, including the CSRF token
+    session.permanent = True
+    session["admin_id"] = admin.id
+    session["ws"] = admin.workspace_id
+    session["pw"] = password_stamp(admin.password_hash)
+
+
+def current_admin() -> Admin | None:
+    admin_id, ws = session.get("admin_id"), session.get("ws")
+    if not isinstance(admin_id, int) or not isinstance(ws, int):
+        return None
+    with Session() as s:
+        row = s.execute(
+            select(DashboardAdmin, Workspace.name)
+            .join(Workspace, Workspace.id == DashboardAdmin.workspace_id)
+            .where(DashboardAdmin.id == admin_id, DashboardAdmin.workspace_id == ws)
+        ).first()
+    if row is None or password_stamp(row[0].password_hash) != session.get("pw"):
+        session.clear()
+        return None
+    return Admin(row[0].id, row[0].email, row[0].workspace_id, row[1])
+
+
+def wants_json() -> bool:
+    return request.path.endswith(".json")
+
+
+def safe_next(target: str | None) -> str | None:
+    """Only same-site paths may be redirected to after login (no open redirect)."""
+    if not target:
+        return None
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return None
+    return target
+
+
+@bp.before_request
+def _guard() -> ResponseReturnValue | None:
+    csrf.protect()
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    admin = current_admin()
+    if admin is None:
+        if wants_json():
+            abort(401)
+        return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
+    g.admin = admin
+    return None
+
+
+@bp.after_request
+def _headers(response: Response) -> Response:
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    if request.endpoint != "dashboard.static":
+        # Pages show customer data: keep them out of shared caches and the back-forward cache.
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
+    if wants_json():
+        return jsonify({"code": (exc.name or "error").lower().replace(" ", "_"), "message": exc.description}), exc.code
+    return render_template("dashboard/error.html", error=exc), exc.code or 500
+
+
+@bp.context_processor
+def _context() -> dict[str, Any]:
+    return {"admin": g.get("admin")}
+
+
+# --- helpers for views ------------------------------------------------------------------
+
+
+def ws() -> int:
+    return g.admin.workspace_id
+
+
+def actor() -> str:
+    return g.admin.actor
+
+
+def runtime() -> Any:
+    return current_app.extensions["kana"]
+
+
+def int_arg(name: str, default: int | None = None) -> int | None:
+    raw = request.args.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        abort(400, description=f"{name} must be a whole number.")
+
+
+def int_list(values: list[str], name: str = "kana_id") -> list[int]:
+    out = []
+    for raw in values:
+        try:
+            out.append(int(raw))
+        except ValueError:
+            abort(400, description=f"{name} must be whole numbers.")
+    return list(dict.fromkeys(out))
+
+
+def notice(message: str, category: str = "ok") -> None:
+    flash(message, category)
+
+
+# --- template filters ------------------------------------------------------------------------
+
+
+@bp.app_template_filter("when")
+def when(moment: Any) -> str:
+    """A UTC time as operators read it (and sort it): 2026-11-23 14:05:09 UTC."""
+    if moment is None:
+        return "—"
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@bp.app_template_filter("amount")
+def amount_filter(value: Any) -> str:
+    number = amount(value)
+    return f"{number:,}" if isinstance(number, int) else f"{number:,.4f}".rstrip("0").rstrip(".")
+
+
+@bp.app_template_filter("pretty_json")
+def pretty_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
