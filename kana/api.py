@@ -26,9 +26,8 @@ from rq.job import Job
 from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
-from sqlalchemy.orm import aliased
 
-from kana import api_rules, auth, features, identity, keys, ledger, rules
+from kana import api_rules, auth, features, flags, identity, keys, ledger, rules
 from kana import queue as events_queue
 from kana.billing import check_billing_id, provider_of
 from kana.db import Session
@@ -57,7 +56,6 @@ MAX_MERGE = 1000
 # Ids are BIGINT: a larger number in a URL is simply not there (and must not
 # reach the database, which would reject it with an overflow error).
 MAX_ID = 2**63 - 1
-FLAGS = ("missing_billing_id", "duplicate_email")
 EVENT_STATUSES = ("unmapped", "mapped", "processed", "failed")
 # Ids Segment libraries send when the app had no real one (SPEC §2): never a user.
 PLACEHOLDER_IDS = {"null", "undefined", "[object object]", "nan"}
@@ -114,7 +112,11 @@ class UserListQuery(PageQuery):
     user_id = _text(metadata={"description": "exact user_id, or an alias of the user"})
     email = _text(metadata={"description": "case-insensitive email"})
     q = _text(max_length=200, metadata={"description": "substring of user_id, email or name"})
-    flag = fields.String(load_default=None, validate=validate.OneOf(FLAGS))
+    flag = fields.String(
+        load_default=None,
+        validate=validate.OneOf((*flags.FLAGS, flags.ANY)),
+        metadata={"description": "users flagged at the last flag refresh (GET /api/v1/flags)"},
+    )
 
 
 class UserCreate(StrictSchema):
@@ -348,18 +350,9 @@ def _user_filters(session: OrmSession, workspace_id: int, args: dict[str, Any]) 
             User.email_key.contains(needle, autoescape=True),
             func.lower(User.name).contains(needle, autoescape=True),
         ))
-    if args["flag"] == "missing_billing_id":
-        conditions.append(User.billing_id.is_(None))
-    elif args["flag"] == "duplicate_email":
-        # Set-based: emails held by more than one user of the workspace.
-        other = aliased(User)
-        shared = (
-            select(other.email_key)
-            .where(other.workspace_id == workspace_id, other.email_key.is_not(None))
-            .group_by(other.email_key)
-            .having(func.count() > 1)
-        )
-        conditions.append(User.email_key.in_(shared))
+    if args["flag"] is not None:
+        # The refreshed flag set, so the list matches the counts GET /flags reports.
+        conditions.append(User.kana_id.in_(flags.flagged_user_ids_query(workspace_id, args["flag"])))
     return conditions
 
 

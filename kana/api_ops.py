@@ -255,6 +255,7 @@ _IMPORT = {
 OPENAPI_PATHS: dict[str, Any] = {
     "/api/v1/flags": {
         "get": {
+            "operationId": "getFlags",
             "summary": "Flag counts and duplicate-email groups as of the last refresh",
             "tags": ["flags"],
             "parameters": [
@@ -282,11 +283,12 @@ OPENAPI_PATHS: dict[str, Any] = {
         }
     },
     "/api/v1/flags/refresh": {
-        "post": {"summary": "Refresh the workspace's flags now (a job)", "tags": ["flags"],
-                 "responses": {**_accepted("Refresh job enqueued"), **_errors(401, 403, 503)}}
+        "post": {"operationId": "refreshFlags", "summary": "Refresh the workspace's flags now (a job)",
+                 "tags": ["flags"], "responses": {**_accepted("Refresh job enqueued"), **_errors(401, 403, 503)}}
     },
     "/api/v1/exports/users.csv": {
         "get": {
+            "operationId": "exportUsersCsv",
             "summary": "All users (or the flagged ones) as CSV, streamed",
             "tags": ["csv"],
             "parameters": [_FLAG_PARAM],
@@ -300,6 +302,7 @@ OPENAPI_PATHS: dict[str, Any] = {
     },
     "/api/v1/imports/csv": {
         "post": {
+            "operationId": "importCsv",
             "summary": "Import users from CSV (the export's format; any subset of its columns, header required)",
             "tags": ["csv"],
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -312,6 +315,7 @@ OPENAPI_PATHS: dict[str, Any] = {
             },
         },
         "get": {
+            "operationId": "listCsvImports",
             "summary": "Recent CSV imports",
             "tags": ["csv"],
             "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 100}}],
@@ -322,6 +326,7 @@ OPENAPI_PATHS: dict[str, Any] = {
     },
     "/api/v1/imports/csv/{import_id}": {
         "get": {
+            "operationId": "getCsvImport",
             "summary": "A CSV import's progress and line-numbered report",
             "tags": ["csv"],
             "parameters": [{"name": "import_id", "in": "path", "required": True, "schema": {"type": "integer"}}],
@@ -331,6 +336,7 @@ OPENAPI_PATHS: dict[str, Any] = {
     },
     "/api/v1/imports/stripe": {
         "post": {
+            "operationId": "importStripe",
             "summary": "Import the workspace's Stripe customers as unclaimed users (a job; result counts "
                        "created/updated/unchanged)",
             "tags": ["billing"],
@@ -339,6 +345,7 @@ OPENAPI_PATHS: dict[str, Any] = {
     },
     "/api/v1/imports/chargebee": {
         "post": {
+            "operationId": "importChargebee",
             "summary": "Import the workspace's Chargebee customers as unclaimed users (a job)",
             "tags": ["billing"],
             "responses": {**_accepted("Import job enqueued"), **_errors(400, 401, 403, 503)},

@@ -16,7 +16,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields
 
-from kana import api, features, ledger
+from kana import api, api_ops, api_rules, features, ledger
 
 PREFIX = api.bp.url_prefix or ""
 INT_PARAMS = {"kana_id", "dead_letter_id", "key_id"}
@@ -302,6 +302,11 @@ def build() -> APISpec:
         by_path.setdefault(path, {})[method] = _operation(operation_id, summary, parts, status, response)
     for path, operations in by_path.items():
         spec.path(path=PREFIX + path, operations=operations, parameters=_path_parameters(path))
+    # Rules and operations blueprints describe their own paths (full paths, under PREFIX).
+    for extra in (api_rules.OPENAPI_PATHS, api_ops.OPENAPI_PATHS):
+        for path, item in extra.items():
+            item = dict(item)
+            spec.path(path=path, parameters=item.pop("parameters", None), operations=item)
     spec.path(path=PREFIX + "/openapi.json", operations={"get": {
         "operationId": "getOpenAPI", "summary": "This document", "security": [],
         "responses": {"200": {"description": "OpenAPI 3 document", "content": {"application/json": {}}}},
