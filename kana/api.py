@@ -634,7 +634,7 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
         except RedisError as exc:
             raise _unavailable(exc) from None
         try:
-            runtime.wake(parts)
+            runtime.enqueue_drains(parts)
         except RedisError as exc:
             # The call is queued; the recovery job wakes stranded partitions.
             log.warning("requeued %s but could not enqueue its drain: %s", message_id, exc)

@@ -55,7 +55,12 @@ def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int], *, 
         needed = list(partitions)
     else:
         needed = events_queue.claim_wakeups(redis, partitions)
-    if not needed:
+    return enqueue_drains(redis, settings, needed)
+
+
+def enqueue_drains(redis: Redis, settings: Settings, partitions: list[int]) -> int:
+    """Enqueue one drain job per partition (whose wake flag the caller raised)."""
+    if not partitions:
         return 0
     q = job_queue(redis, settings)
     q.enqueue_many(
@@ -67,7 +72,7 @@ def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int], *, 
                 result_ttl=60,
                 failure_ttl=7 * 24 * 3600,
             )
-            for p in needed
+            for p in partitions
         ]
     )
-    return len(needed)
+    return len(partitions)

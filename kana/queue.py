@@ -92,25 +92,32 @@ def dumps(event: dict) -> str:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
-def push(redis: Redis, events: Iterable[dict], partitions: int) -> set[int]:
-    """Append events to their partitions atomically (MULTI/EXEC); returns partitions touched.
+def push(redis: Redis, events: Iterable[dict], partitions: int) -> list[int]:
+    """Append events to their partitions atomically (MULTI/EXEC), in one round trip.
+
+    Returns the partitions whose wake flag this push raised: each needs a drain
+    job (``broker.enqueue_drains``). The flags are set in the same transaction
+    as the append, so a drain that clears its flag on an empty queue either sees
+    these events or leaves them to the job this push's caller enqueues.
 
     Each event must carry ``ws`` (workspace id) and ``userId``. Raises redis errors
     as they come: the caller answers 503 and the sender retries.
     """
     pipe = redis.pipeline(transaction=True)
-    touched: set[int] = set()
+    touched: dict[int, None] = {}
     per_ws: Counter[int] = Counter()
     for event in events:
         p = partition_of(event["ws"], event["userId"], partitions)
         pipe.rpush(queue_key(p), dumps(event))
-        touched.add(p)
+        touched[p] = None
         per_ws[event["ws"]] += 1
     for ws, n in per_ws.items():
         pipe.hincrby(stats_key(ws), "received", n)
         pipe.hincrby(stats_key(ws), "pending", n)
-    pipe.execute()
-    return touched
+    for p in touched:
+        pipe.set(wake_key(p), "1", nx=True, ex=WAKE_TTL)
+    raised = pipe.execute()[-len(touched):] if touched else []
+    return [p for p, was_set in zip(touched, raised, strict=True) if was_set]
 
 
 def claim_wakeups(redis: Redis, partitions: Iterable[int]) -> list[int]:

@@ -291,8 +291,7 @@ def _normalize(call: Any, url_type: str | None, req: _Request) -> dict:
 def _enqueue(events: list[dict]) -> None:
     runtime = current_app.extensions["kana"]
     try:
-        touched = events_queue.push(runtime.redis, events, runtime.settings.partitions)
-        runtime.wake(touched)
+        runtime.enqueue_drains(events_queue.push(runtime.redis, events, runtime.settings.partitions))
     except (RedisError, OSError):
         # OSError: the embedded Redis server could not be reached or started.
         metrics.count_rejected("unavailable", len(events))

@@ -27,3 +27,7 @@ class Runtime:
 
     def wake(self, partitions: set[int] | list[int], *, force: bool = False) -> int:
         return broker.wake(self.redis, self.settings, partitions, force=force)
+
+    def enqueue_drains(self, partitions: list[int]) -> int:
+        """Drain jobs for the partitions whose wake flag ``queue.push`` raised."""
+        return broker.enqueue_drains(self.redis, self.settings, partitions)

@@ -123,7 +123,7 @@ def test_poison_call_becomes_dead_letter_and_rest_commits(runtime, workspace, wo
     # migration might): its delta is not a number.
     poison = dict(good[0], messageId="bad", properties={"featureId": "messages", "delta": "many"})
     parts = events_queue.push(runtime.redis, good[:2] + [poison] + good[2:], runtime.settings.partitions)
-    runtime.wake(parts)
+    runtime.enqueue_drains(parts)
     work()
     assert usage_total(workspace.id) == 5
     with Session() as s:

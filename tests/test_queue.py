@@ -124,7 +124,7 @@ def test_no_wakeup_is_lost_while_pushes_race_the_drain(redis, ws, runtime, work)
         i = 0
         while not stop.is_set() and i < 1500:
             batch = [call(ws, 100_000 + i + k, user=f"u{(i + k) % 7}") for k in range(5)]
-            runtime.wake(q.push(redis, batch, parts))
+            runtime.enqueue_drains(q.push(redis, batch, parts))
             pushed.extend(batch)
             i += 5
 
@@ -138,9 +138,21 @@ def test_no_wakeup_is_lost_while_pushes_race_the_drain(redis, ws, runtime, work)
     assert stored(ws) == len(pushed)
 
 
+def test_push_raises_each_wake_flag_once(redis, ws):
+    """Only the push that raised a partition's flag asks for a drain job."""
+    first = q.push(redis, [call(ws, i, user=f"w{i}") for i in range(12)], 4)
+    assert sorted(first) == sorted({q.partition_of(ws, f"w{i}", 4) for i in range(12)})
+    assert all(redis.exists(q.wake_key(p)) for p in first)
+    assert q.push(redis, [call(ws, 100 + i, user=f"w{i}") for i in range(12)], 4) == []
+    redis.delete(q.wake_key(first[0]))  # a drain found the queue empty and cleared it
+    assert q.push(redis, [call(ws, 200, user="w0"), call(ws, 201, user="w1")], 4) == (
+        [first[0]] if first[0] in {q.partition_of(ws, "w0", 4), q.partition_of(ws, "w1", 4)} else [])
+    assert q.push(redis, [], 4) == []
+
+
 def test_recover_wakes_stranded_partitions_only(redis, ws, runtime, work):
     parts = runtime.settings.partitions
-    touched = q.push(redis, [call(ws, i, user=f"s{i}") for i in range(20)], parts)
+    touched = set(q.push(redis, [call(ws, i, user=f"s{i}") for i in range(20)], parts))
     # Pushed without a wake-up (as if the enqueue after the push failed).
     assert len(runtime.queue) == 0
     locked = next(iter(touched))

@@ -216,7 +216,7 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
         notice(UNREACHABLE, "error")
         return redirect(url_for("dashboard.dead_letters"))
     try:
-        rt.wake(parts)
+        rt.enqueue_drains(parts)
     except RedisError as exc:
         # The call is queued; the recovery job wakes stranded partitions.
         log.warning("requeued %s but could not enqueue its drain: %s", message_id, exc)
