@@ -18,10 +18,14 @@ import concurrent.futures as cf
 import json
 import os
 import random
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -72,6 +76,7 @@ def free_port() -> int:
 class Stack:
     def __init__(self, env: dict[str, str], workers: int, web: bool = True) -> None:
         self.env = env
+        self.web = web
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
         py = sys.executable
@@ -90,6 +95,10 @@ class Stack:
                         break
                 except requests.RequestException:
                     time.sleep(0.2)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.procs[1 if self.web else 0:]]
 
     @property
     def url(self) -> str:
@@ -133,6 +142,8 @@ def run_ours(settings, env, calls, workers: int) -> dict:
             r.raise_for_status()
             return time.perf_counter() - t
 
+        sampler = RssSampler(stack.worker_pids)
+        sampler.start()
         start = time.perf_counter()
         with cf.ThreadPoolExecutor(4) as pool:
             latencies = list(pool.map(send, batches))
@@ -140,14 +151,55 @@ def run_ours(settings, env, calls, workers: int) -> dict:
         while stored(ws_id) < len(calls) or events_queue.depth(redis, settings.partitions):
             time.sleep(0.05)
         total = time.perf_counter() - start
+        sampler.stop()
     finally:
         stack.stop()
     return {"ingest_events_per_s": len(calls) / ingest, "e2e_events_per_s": len(calls) / total,
             "batch_p50_ms": statistics.median(latencies) * 1000,
-            "batch_p99_ms": sorted(latencies)[int(len(latencies) * 0.99) - 1] * 1000}
+            "batch_p99_ms": sorted(latencies)[int(len(latencies) * 0.99) - 1] * 1000,
+            "worker_rss_mb": sampler.summary()}
 
 
-def run_receiver(settings, env, calls) -> dict:
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler(threading.Thread):
+    """Samples each worker's resident memory twice a second during a run."""
+
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.samples: list[float] = []  # the largest worker's RSS at each tick
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.5):
+            values = [v for v in map(rss_mb, self.pids) if v is not None]
+            if values:
+                self.samples.append(max(values))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        tenth = max(1, len(self.samples) // 10)
+        # "Flat" means the last tenth of the run sits where the first tenth did.
+        return {"first_tenth": statistics.median(self.samples[:tenth]),
+                "last_tenth": statistics.median(self.samples[-tenth:]),
+                "peak": max(self.samples), "samples": len(self.samples)}
+
+
+def run_receiver(settings, env, calls, wrk_seconds: int = 10) -> dict:
     """The receiver alone (no workers): /v1/batch of 100 and single-call /segment."""
     redis = connect(settings)
     redis.flushdb()
@@ -176,6 +228,15 @@ def run_receiver(settings, env, calls) -> dict:
                 lat = [x for part in pool.map(worker, chunks) for x in part]
             return time.perf_counter() - start, lat
 
+        if shutil.which("wrk"):
+            # wrk (C, epoll) costs the 2-core box far less CPU than Python clients,
+            # so it measures the receiver rather than the load generator.
+            batch = wrk_blast(stack.url, "/v1/batch", key, bodies, connections=4, seconds=wrk_seconds)
+            single = wrk_blast(stack.url, "/segment", key, singles, connections=8, seconds=wrk_seconds)
+            return {"client": "wrk", "batch_events_per_s": batch["requests_per_s"] * 100,
+                    "batch_p50_ms": batch["p50_ms"], "batch_p99_ms": batch["p99_ms"],
+                    "segment_requests_per_s": single["requests_per_s"],
+                    "segment_p50_ms": single["p50_ms"], "segment_p99_ms": single["p99_ms"]}
         batch_time, batch_lat = blast("/v1/batch", bodies, 4)
         single_time, single_lat = blast("/segment", singles, 8)
     finally:
@@ -183,6 +244,7 @@ def run_receiver(settings, env, calls) -> dict:
     batch_lat.sort()
     single_lat.sort()
     return {
+        "client": "python-requests",
         "batch_events_per_s": len(calls) / batch_time,
         "batch_p50_ms": batch_lat[len(batch_lat) // 2] * 1000,
         "batch_p99_ms": batch_lat[int(len(batch_lat) * 0.99) - 1] * 1000,
@@ -190,6 +252,47 @@ def run_receiver(settings, env, calls) -> dict:
         "segment_p50_ms": single_lat[len(single_lat) // 2] * 1000,
         "segment_p99_ms": single_lat[int(len(single_lat) * 0.99) - 1] * 1000,
     }
+
+
+# Cycles through the prepared bodies (one JSON document per line), each thread
+# from its own offset, so requests carry distinct users and messageIds.
+WRK_SCRIPT = """
+local bodies, i = {}, 0
+init = function(args)
+  for line in io.lines(args[1]) do bodies[#bodies + 1] = line end
+  wrk.headers["Authorization"] = "Bearer " .. args[2]
+  wrk.headers["Content-Type"] = "application/json"
+  i = math.random(#bodies)
+end
+request = function()
+  i = i % #bodies + 1
+  return wrk.format("POST", nil, nil, bodies[i])
+end
+"""
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def wrk_blast(url: str, path: str, key: str, bodies: list[str], *, connections: int, seconds: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        script, data = Path(tmp, "post.lua"), Path(tmp, "bodies.jsonl")
+        script.write_text(WRK_SCRIPT)
+        data.write_text("\n".join(bodies) + "\n")
+        out = subprocess.run(
+            ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url + path,
+             "--", str(data), key],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw error responses from {path}:\n{out}")
+
+    def percentile(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        assert match, out
+        return float(match.group(1)) * _UNITS[match.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    assert rps, out
+    return {"requests_per_s": float(rps.group(1)), "p50_ms": percentile("50"), "p99_ms": percentile("99")}
 
 
 def run_floors(settings, calls) -> dict:
@@ -247,6 +350,11 @@ def run_naive(settings, env, calls, workers: int) -> dict:
     return {"e2e_events_per_s": len(calls) / total}
 
 
+def medians(runs: list[dict]) -> dict:
+    """Per-key medians of the numeric results of repeated runs."""
+    return {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, int | float)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=20000)
@@ -256,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=10000)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--wrk-seconds", type=int, default=10, help="length of each wrk run (when wrk is installed)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds: tiny sizes, one repetition")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.events, args.users, args.reps, args.naive_events = 300, 50, 1, 100
+        args.events, args.users, args.reps, args.naive_events, args.wrk_seconds = 300, 50, 1, 100, 1
 
     settings = config.load()
     if settings.redis_url is None:
@@ -275,12 +384,13 @@ def main(argv: list[str] | None = None) -> int:
                     "database": settings.database_url.split("@")[-1], "runs": {}}
     receiver, floors = [], []
     for rep in range(args.reps):
-        receiver.append(run_receiver(settings, env, calls))
+        receiver.append(run_receiver(settings, env, calls, args.wrk_seconds))
         floors.append(run_floors(settings, calls))
         print(f"rep={rep + 1}: receiver {receiver[-1]}, floors {floors[-1]}", flush=True)
-    report["receiver"] = {"runs": receiver, "median": {k: statistics.median(r[k] for r in receiver)
-                                                       for k in receiver[0]}}
-    report["floors"] = {"runs": floors, "median": {k: statistics.median(r[k] for r in floors) for k in floors[0]}}
+    report["receiver"] = {"runs": receiver, "median": medians(receiver), "client": receiver[0]["client"]}
+    report["floors"] = {"runs": floors, "median": medians(floors)}
+    report["receiver"]["ratio_batch_vs_redis_floor"] = (
+        report["receiver"]["median"]["batch_events_per_s"] / report["floors"]["median"]["redis_push_events_per_s"])
     for workers in args.workers:
         ours, naive = [], []
         for rep in range(args.reps):
@@ -290,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"workers={workers} rep={rep + 1}: ours e2e {ours[-1]['e2e_events_per_s']:.0f}/s "
                   f"(ingest {ours[-1]['ingest_events_per_s']:.0f}/s)"
                   + (f", naive {naive[-1]['e2e_events_per_s']:.0f}/s" if naive else ""), flush=True)
-        med = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
+        med = medians(ours)
+        med["worker_rss_mb_peak"] = max(r["worker_rss_mb"].get("peak", 0) for r in ours)
         run = {"ours": ours, "median": med}
         if naive:
             naive_med = statistics.median(r["e2e_events_per_s"] for r in naive)
@@ -301,11 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SUMMARY workers={workers}: e2e {med['e2e_events_per_s']:.0f} events/s"
               + (f", naive {run['naive_median_e2e']:.0f} events/s, {run['ratio_vs_naive']:.1f}x naive" if naive
                  else "")
-              + f", {run['ratio_vs_postgres_floor']:.2f}x the PostgreSQL insert floor")
+              + f", {run['ratio_vs_postgres_floor']:.2f}x the PostgreSQL insert floor"
+              + f", worker RSS peak {med['worker_rss_mb_peak']:.0f} MB")
     rm = report["receiver"]["median"]
     print(f"SUMMARY receiver: /v1/batch {rm['batch_events_per_s']:.0f} events/s; /segment "
           f"{rm['segment_requests_per_s']:.0f} req/s, p50 {rm['segment_p50_ms']:.1f} ms, "
-          f"p99 {rm['segment_p99_ms']:.1f} ms")
+          f"p99 {rm['segment_p99_ms']:.1f} ms ({report['receiver']['client']}); batch ingest "
+          f"{report['receiver']['ratio_batch_vs_redis_floor']:.2f}x the raw Redis push floor")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"

@@ -27,7 +27,7 @@ from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
-from kana import api_rules, auth, features, flags, identity, keys, ledger, rules
+from kana import api_rules, auth, features, flags, identity, keys, ledger
 from kana import queue as events_queue
 from kana.billing import check_billing_id, provider_of
 from kana.db import Session
@@ -524,8 +524,6 @@ def create_feature() -> ResponseReturnValue:
     data = _body(FeatureCreate())
     ws = _ws()
     with Session.begin() as s:
-        # Waits for in-flight chunks that mapped without this feature (see rules.hold_mapping).
-        rules.hold_mapping(s, ws, exclusive=True)
         try:
             feature = features.create_feature(s, ws, data["id"], data["name"], data["type"])
         except features.FeatureError as exc:

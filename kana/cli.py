@@ -112,6 +112,7 @@ def key_revoke(workspace_id: int, key_id: int) -> None:
 @key.command("list")
 @click.option("--workspace", "workspace_id", type=int, required=True)
 def key_list(workspace_id: int) -> None:
+    """List a workspace's API keys (id, prefix, scope, active/revoked, name)."""
     from kana import keys
 
     with _session()() as s:
@@ -122,29 +123,109 @@ def key_list(workspace_id: int) -> None:
 
 @main.group()
 def feature() -> None:
-    """Features usage is recorded against."""
+    """Features usage is recorded against (the same rules as /api/v1/features)."""
+
+
+def _feature_error(exc) -> click.ClickException:  # noqa: ANN001
+    """A ``features.FeatureError`` in the CLI's words: the field it is about, then what is wrong."""
+    from kana import features
+
+    if isinstance(exc, features.DuplicateFeature):
+        return click.ClickException(exc.message)
+    return click.ClickException(f"invalid feature {exc.field}: {exc.message}")
+
+
+def _feature_json(feature) -> dict:  # noqa: ANN001
+    from kana.views import feature_json
+
+    return feature_json(feature)
 
 
 @feature.command("create")
 @click.option("--workspace", "workspace_id", type=int, required=True)
 @click.argument("feature_id")
-@click.option("--name", default=None)
-@click.option("--type", "kind", type=click.Choice(["consumable", "binary"]), default="consumable")
-def feature_create(workspace_id: int, feature_id: str, name: str | None, kind: str) -> None:
-    from redis.exceptions import RedisError
+@click.option("--name", default=None, help="Display name (default: the id).")
+@click.option("--type", "kind", default="consumable", show_default=True, metavar="consumable|binary")
+@click.option("--json", "as_json", is_flag=True, help="Print the feature (and the reprocessing job id) as JSON.")
+def feature_create(workspace_id: int, feature_id: str, name: str | None, kind: str, as_json: bool) -> None:
+    """Create a feature; queues reprocessing of stored events naming it."""
+    from kana import features
 
-    from kana import features, rules
+    try:
+        with _session().begin() as s:
+            _require_workspace(s, workspace_id)
+            body = _feature_json(features.create_feature(s, workspace_id, feature_id, name, kind))
+    except features.FeatureError as exc:
+        raise _feature_error(exc) from None
+    # Events stored as "unknown featureId" for this id now map (SPEC §7); queued once committed.
+    body.update(_reprocess_job(workspace_id, f"feature {body['id']} created"))
+    if as_json:
+        click.echo(json.dumps(body))
+        return
+    click.echo(f"feature {body['id']} created")
+    if body["job_id"]:
+        click.echo(f"reprocessing job {body['job_id']} queued")
+
+
+@feature.command("list")
+@click.option("--workspace", "workspace_id", type=int, required=True)
+@click.option("--json", "as_json", is_flag=True)
+def feature_list(workspace_id: int, as_json: bool) -> None:
+    """List the workspace's features (id, type, name)."""
+    from kana import features
 
     with _session().begin() as s:
-        # Waits for in-flight chunks that mapped without this feature (see rules.hold_mapping).
-        rules.hold_mapping(s, workspace_id, exclusive=True)
-        features.create_feature(s, workspace_id, feature_id, name or feature_id, kind)
-    click.echo(f"feature {feature_id} created")
-    # Events stored as "unknown featureId" for this id now map (SPEC §7).
+        _require_workspace(s, workspace_id)
+        rows = [_feature_json(f) for f in features.list_features(s, workspace_id)]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for f in rows:
+        click.echo(f"{f['id']}\t{f['type']}\t{f['name']}")
+
+
+@feature.command("update")
+@click.option("--workspace", "workspace_id", type=int, required=True)
+@click.argument("feature_id")
+@click.option("--name", default=None, help="New display name.")
+@click.option("--type", "kind", default=None, metavar="consumable|binary", help="New type.")
+@click.option("--json", "as_json", is_flag=True)
+def feature_update(workspace_id: int, feature_id: str, name: str | None, kind: str | None, as_json: bool) -> None:
+    """Rename or retype a feature (its id is what events name, so it never changes)."""
+    from kana import features
+
     try:
-        click.echo(f"reprocessing job {_enqueue_reprocess(workspace_id, f'feature {feature_id} created')} queued")
-    except RedisError as exc:
-        click.echo(f"reprocessing not queued ({exc}); run `kana reprocess --workspace {workspace_id}`", err=True)
+        with _session().begin() as s:
+            _require_workspace(s, workspace_id)
+            body = _feature_json(features.update_feature(s, workspace_id, feature_id, name=name, type=kind))
+    except features.FeatureNotFound:
+        raise click.ClickException(f"no feature {feature_id!r} in workspace {workspace_id}") from None
+    except features.FeatureError as exc:
+        raise _feature_error(exc) from None
+    if as_json:
+        click.echo(json.dumps(body))
+    else:
+        click.echo(f"feature {body['id']} updated: {body['type']}, {body['name']!r}")
+
+
+@feature.command("delete")
+@click.option("--workspace", "workspace_id", type=int, required=True)
+@click.argument("feature_id")
+@click.option("--force", is_flag=True, help="Also delete its usage (those events become unmapped again).")
+def feature_delete(workspace_id: int, feature_id: str, force: bool) -> None:
+    """Delete a feature; one with recorded usage only with --force."""
+    from kana import features
+
+    try:
+        with _session().begin() as s:
+            _require_workspace(s, workspace_id)
+            features.delete_feature(s, workspace_id, feature_id, force=force)
+    except features.FeatureNotFound:
+        raise click.ClickException(f"no feature {feature_id!r} in workspace {workspace_id}") from None
+    except features.FeatureInUse as exc:
+        raise click.ClickException(f"{exc}: add --force.") from None
+    # Like the API: no reprocessing here; a feature re-created later picks its events up again.
+    click.echo(f"feature {feature_id} deleted")
 
 
 @main.command()
@@ -183,6 +264,19 @@ def _enqueue_reprocess(workspace_id: int, why: str) -> str:
     from kana import reprocess
 
     return reprocess.enqueue(jobs.init(_settings()).queue, workspace_id, why=why)
+
+
+def _reprocess_job(workspace_id: int, why: str) -> dict:
+    """``{"job_id"}`` of the reprocessing for a committed change, like ``api_rules.reprocess_job``:
+    Redis being down does not turn the saved change into an error (``job_id`` is then None)."""
+    from redis.exceptions import RedisError
+
+    try:
+        return {"job_id": _enqueue_reprocess(workspace_id, why)}
+    except RedisError as exc:
+        click.echo(f"the change is saved, but reprocessing was not queued ({exc}); "
+                   f"run `kana reprocess --workspace {workspace_id}`", err=True)
+        return {"job_id": None}
 
 
 def _reprocess_inline(workspace_id: int, chunk: int) -> dict:

@@ -8,6 +8,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from kana import rules
 from kana.models import Event, Feature, Usage
 
 # What ``properties.featureId`` names: lower-case, URL- and CSV-safe.
@@ -73,6 +74,9 @@ def create_feature(
     feature_id = check_id(id)
     kind = check_type(type)
     label = check_name(name if name is not None else feature_id)
+    # In-flight chunks that stored this id's events as "unknown featureId" commit
+    # first, so the reprocessing that follows the create sees them.
+    rules.hold_mapping(session, workspace_id, exclusive=True)
     if get_feature(session, workspace_id, feature_id) is not None:
         raise DuplicateFeature("id", f"feature {feature_id!r} already exists")
     feature = Feature(workspace_id=workspace_id, id=feature_id, name=label, type=kind)
@@ -115,6 +119,9 @@ def delete_feature(session: Session, workspace_id: int, feature_id: str, *, forc
     is only deleted with ``force``: its usage rows go, and their events become
     unmapped again (a feature re-created later can pick them up).
     """
+    # In-flight chunks that record usage of this feature commit first; usage rows
+    # have no foreign key to features, so none may land after the delete.
+    rules.hold_mapping(session, workspace_id, exclusive=True)
     feature = get_feature(session, workspace_id, feature_id)
     if feature is None:
         raise FeatureNotFound(feature_id)

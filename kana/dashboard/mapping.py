@@ -60,8 +60,6 @@ def create_feature() -> ResponseReturnValue:
     form = request.form
     try:
         with Session.begin() as s:
-            # Waits for in-flight chunks that mapped without this feature (see rules.hold_mapping).
-            rules.hold_mapping(s, workspace_id, exclusive=True)
             feature = features.create_feature(s, workspace_id, form.get("id", "").strip(),
                                               form.get("name", "").strip() or None, form.get("type", "consumable"))
             feature_id = feature.id
@@ -114,7 +112,6 @@ def delete_feature(feature_id: str) -> ResponseReturnValue:
     try:
         with Session.begin() as s:
             _feature_or_404(s, feature_id)
-            rules.hold_mapping(s, ws(), exclusive=True)
             features.delete_feature(s, ws(), feature_id, force=bool(request.form.get("force")))
     except features.FeatureInUse as exc:
         notice(f"{exc}: tick “also delete its usage” to confirm.", "error")
