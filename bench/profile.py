@@ -1,0 +1,101 @@
+"""Where a worker's time goes: the benchmark's workload, drained in-process under cProfile.
+
+    python -m bench.profile [--events 20000] [--users 10000] [--top 25]
+
+Needs DATABASE_URL and REDIS_URL (PostgreSQL and Redis, as for bench.run). The
+calls go through the real receiver (Flask test client) into Redis, then every
+partition is drained by the real drain job in this process, under cProfile.
+Prints the top entries by own time and by cumulative time and writes them,
+with the throughput, to a JSON report under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import config
+import jobs
+from app import create_app
+from bench.run import ROOT, new_workspace, stored, workload
+from jobs import events as event_jobs
+from kana import db, migrate
+from kana import queue as events_queue
+
+
+def top(stats: pstats.Stats, key: str, n: int) -> list[dict]:
+    stats.sort_stats(key)
+    rows = []
+    for func in stats.fcn_list[:n]:  # type: ignore[attr-defined]
+        calls, _, own, cumulative, _ = stats.stats[func]  # type: ignore[attr-defined]
+        filename, line, name = func
+        where = filename.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
+        rows.append({"function": f"{where}:{line}({name})", "calls": calls, "own_s": round(own, 3),
+                     "cumulative_s": round(cumulative, 3)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20000)
+    ap.add_argument("--users", type=int, default=10000)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+
+    settings = config.load()
+    if settings.redis_url is None:
+        print("set REDIS_URL (and DATABASE_URL) to the Redis and PostgreSQL to measure", file=sys.stderr)
+        return 2
+    migrate.upgrade(settings.database_url)
+    app = create_app(settings)
+    runtime = jobs.init(settings)
+    runtime.redis.flushdb()
+    ws_id, key = new_workspace()
+    calls = workload(args.events, args.users)
+    client = app.test_client()
+    for i in range(0, len(calls), 100):
+        resp = client.post("/v1/batch", json={"batch": calls[i : i + 100]}, headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == 200, resp.get_json()
+
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    while events_queue.depth(runtime.redis, settings.partitions):
+        for p in range(settings.partitions):
+            event_jobs.drain(p)
+    profiler.disable()
+    elapsed = time.perf_counter() - start
+    assert stored(ws_id) == len(calls)
+
+    stats = pstats.Stats(profiler)
+    report = {
+        "when": datetime.now(UTC).isoformat(),
+        "events": len(calls),
+        "database": db.get_engine().url.render_as_string(hide_password=True).split("@")[-1],
+        "events_per_s_under_profiler": len(calls) / elapsed,
+        "top_own": top(stats, "tottime", args.top),
+        "top_cumulative": top(stats, "cumulative", args.top),
+    }
+    print(f"{len(calls)} events drained in {elapsed:.1f} s under cProfile "
+          f"({report['events_per_s_under_profiler']:.0f} events/s, one process)")
+    for title, key_name in (("own time", "top_own"), ("cumulative", "top_cumulative")):
+        print(f"\ntop {args.top} by {title}:")
+        for row in report[key_name]:
+            print(f"  {row['own_s']:8.3f} {row['cumulative_s']:8.3f} {row['calls']:>9}  {row['function']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"profile-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
