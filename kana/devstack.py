@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,12 @@ def run(settings: Settings, *, port: int = 8000, workers: int = 2) -> int:
         KANA_DATA_DIR=str(data_dir),
         SECRET_KEY=os.environ.get("SECRET_KEY") or _secret(data_dir),
     )
+    # gunicorn runs two processes: /metrics must sum both (prometheus_client's
+    # multiprocess mode), from a directory emptied at every start.
+    metrics_dir = data_dir / "prometheus"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir()
+    web_env = dict(env, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     py = sys.executable
     commands = {
         "web": [py, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{port}", "--workers", "2",
@@ -77,7 +84,7 @@ def run(settings: Settings, *, port: int = 8000, workers: int = 2) -> int:
         "scheduler": [str(Path(py).parent / "rq"), "cron", "config.cron", "--url", redis_url],
         **{f"worker.{i + 1}": [py, "-m", "worker"] for i in range(workers)},
     }
-    procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}
+    procs = {name: subprocess.Popen(cmd, env=web_env if name == "web" else env) for name, cmd in commands.items()}
     url = f"http://127.0.0.1:{port}"
     stopping = False
 
