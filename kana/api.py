@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -21,17 +20,15 @@ from flask import Blueprint, current_app, g, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
 from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
-from kana import api_rules, auth, features, flags, identity, keys, ledger
+from kana import api_rules, auth, features, flags, identity, keys, ledger, progress
 from kana import queue as events_queue
 from kana.billing import check_billing_id, provider_of
 from kana.db import Session
-from kana.errors import ApiError
+from kana.errors import ApiError, json_object
 from kana.keys import Principal
 from kana.models import Audit, DeadLetter, Event, User, Workspace
 from kana.views import (
@@ -59,19 +56,6 @@ MAX_ID = 2**63 - 1
 EVENT_STATUSES = ("unmapped", "mapped", "processed", "failed")
 # Ids Segment libraries send when the app had no real one (SPEC §2): never a user.
 PLACEHOLDER_IDS = {"null", "undefined", "[object object]", "nan"}
-JOB_STATUSES = {
-    "queued": "queued",
-    "created": "queued",
-    "deferred": "queued",
-    "scheduled": "queued",
-    "ready_to_enqueue": "queued",
-    "rate_limited": "queued",
-    "started": "started",
-    "finished": "finished",
-    "failed": "failed",
-    "stopped": "failed",
-    "canceled": "failed",
-}
 
 
 # --- validation ---------------------------------------------------------------
@@ -229,13 +213,7 @@ def _query(schema: Schema) -> dict[str, Any]:
 
 
 def _body(schema: Schema) -> dict[str, Any]:
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request", "The request body must be a JSON object "
-                       "(and the Content-Type application/json).")
-    data = dict(data)
-    data.pop("writeKey", None)  # a credential, already used by authentication
-    return _load(schema, data)
+    return _load(schema, json_object())
 
 
 # --- authentication, helpers ----------------------------------------------------------
@@ -243,10 +221,8 @@ def _body(schema: Schema) -> dict[str, Any]:
 
 @bp.before_request
 def _authenticate() -> None:
-    if request.endpoint == "api.openapi":
-        return
-    body = request.get_json(silent=True) if request.is_json else None
-    auth.authenticate(body, scope="admin")
+    if request.endpoint != "api.openapi":
+        auth.require_admin()
 
 
 def _principal() -> Principal:
@@ -660,45 +636,17 @@ def stats() -> ResponseReturnValue:
     })
 
 
-def _json_safe(value: Any) -> Any:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
-
-
 @bp.get("/jobs/<job_id>")
 def job_status(job_id: str) -> ResponseReturnValue:
     try:
-        job = Job.fetch(job_id, connection=_runtime().redis)
-    except NoSuchJobError:
-        raise not_found(f"No job {job_id!r} (unknown, or its result has expired).") from None
+        job = progress.workspace_job(_runtime().redis, job_id, _ws())
     except RedisError as exc:
         raise _unavailable(exc) from None
-    # Jobs started for a workspace carry its id; another workspace's job is not there.
-    owner = job.meta.get("workspace_id")
-    if owner is not None and owner != _ws():
-        raise not_found(f"No job {job_id!r} (unknown, or its result has expired).")
-    raw_status = job.get_status(refresh=False)
-    raw = raw_status.value if raw_status is not None else "queued"
-    status = JOB_STATUSES.get(raw, "queued")
-    progress = job.meta.get("progress")
-    try:
-        progress = min(1.0, max(0.0, float(progress))) if progress is not None else 0.0
-    except (TypeError, ValueError):
-        progress = 0.0
-    body: dict[str, Any] = {"id": job.id, "status": status, "progress": progress}
-    if status == "finished":
-        body["progress"] = 1.0
-        body["result"] = _json_safe(job.return_value())
-    elif status == "failed":
-        result = job.latest_result()
-        lines = [line for line in (getattr(result, "exc_string", None) or "").splitlines() if line.strip()]
-        body["error"] = lines[-1].strip() if lines else f"job {raw}"
-    body["enqueued_at"] = iso(job.enqueued_at.replace(tzinfo=UTC) if job.enqueued_at else None)
-    body["ended_at"] = iso(job.ended_at.replace(tzinfo=UTC) if job.ended_at else None)
-    return jsonify(body)
+    if job is None:
+        raise not_found(f"No job {job_id!r} (unknown, another workspace's, or its result has expired).")
+    state = progress.describe(job)
+    fields_ = ("id", "status", "progress", "result", "error", "enqueued_at", "ended_at")
+    return jsonify({k: state[k] for k in fields_ if k in state})
 
 
 # --- workspace, audit, keys -------------------------------------------------------------

@@ -30,10 +30,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("ops_api", __name__, url_prefix="/api/v1")
 
 
-@bp.before_request
-def _authenticate() -> None:
-    body = request.get_json(silent=True) if request.is_json else None
-    auth.authenticate(body, scope="admin")
+bp.before_request(auth.require_admin)
 
 
 def _ws() -> int:

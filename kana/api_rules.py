@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request, url_for
+from flask import Blueprint, current_app, g, jsonify, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 
 from kana import auth, reprocess, rules
 from kana.db import Session
-from kana.errors import ApiError
+from kana.errors import ApiError, json_object
 
 log = logging.getLogger(__name__)
 
@@ -25,24 +25,11 @@ bp = Blueprint("rules_api", __name__, url_prefix="/api/v1")
 MAX_ID = 2**63 - 1
 
 
-@bp.before_request
-def _authenticate() -> None:
-    body = request.get_json(silent=True) if request.is_json else None
-    auth.authenticate(body, scope="admin")
+bp.before_request(auth.require_admin)
 
 
 def _ws() -> int:
     return g.principal.workspace_id
-
-
-def _body() -> dict[str, Any]:
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request", "The request body must be a JSON object "
-                       "(and the Content-Type application/json).")
-    data = dict(data)
-    data.pop("writeKey", None)  # a credential, already used by authentication
-    return data
 
 
 def _invalid(exc: rules.RuleError) -> ApiError:
@@ -75,7 +62,7 @@ def reprocess_job(workspace_id: int, why: str) -> dict[str, Any]:
 
 @bp.post("/rules")
 def create_rule() -> ResponseReturnValue:
-    data = _body()
+    data = json_object()
     ws = _ws()
     with Session.begin() as s:
         try:
@@ -108,7 +95,7 @@ def get_rule(rule_id: int) -> ResponseReturnValue:
 @bp.patch("/rules/<int:rule_id>")
 def update_rule(rule_id: int) -> ResponseReturnValue:
     _check_id(rule_id)
-    data = _body()
+    data = json_object()
     ws = _ws()
     with Session.begin() as s:
         try:

@@ -81,3 +81,8 @@ def authenticate(body: Any = None, scope: str = "ingest") -> Principal:
         raise ApiError(403, "forbidden", "This API key has the ingest scope; the admin API needs an admin key.")
     g.principal = principal
     return principal
+
+
+def require_admin() -> None:
+    """``before_request`` of the admin API blueprints: an admin key, in any form the receiver takes."""
+    authenticate(request.get_json(silent=True) if request.is_json else None, scope="admin")

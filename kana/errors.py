@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 
@@ -21,6 +21,17 @@ class ApiError(Exception):
         if self.errors:
             body["errors"] = self.errors
         return body
+
+
+def json_object() -> dict[str, Any]:
+    """The request's JSON object body, without the ``writeKey`` authentication already used."""
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "The request body must be a JSON object "
+                       "(and the Content-Type application/json).")
+    data = dict(data)
+    data.pop("writeKey", None)
+    return data
 
 
 def register(app: Flask) -> None:

@@ -263,7 +263,8 @@ class UserFlag(Base):
     __tablename__ = "user_flags"
     __table_args__ = (Index("ix_user_flags_email", "workspace_id", "flag", "email_key"),)
 
-    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
+    # No foreign key: derived data, and a check per inserted row slowed big refreshes (migration 0004).
+    workspace_id: Mapped[int] = mapped_column(BigId, primary_key=True)
     flag: Mapped[str] = mapped_column(String(30), primary_key=True)  # missing_billing_id | duplicate_email
     kana_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     # For duplicate_email: the shared (lower-cased) email the group is keyed by.

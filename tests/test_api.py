@@ -654,8 +654,10 @@ def test_stats(client, workspace, work):
 
 
 def test_job_status(client, workspace, new_workspace, runtime, work):
-    ok = runtime.queue.enqueue("builtins.len", [1, 2])
-    bad = runtime.queue.enqueue("builtins.int", "not a number")
+    mine = {"workspace_id": workspace.id}
+    ok = runtime.queue.enqueue("builtins.len", [1, 2], meta=dict(mine))
+    bad = runtime.queue.enqueue("builtins.int", "not a number", meta=dict(mine))
+    untagged = runtime.queue.enqueue("builtins.len", [])  # like a drain job: no workspace's
     body = get(client, workspace, f"/api/v1/jobs/{ok.id}").get_json()
     assert body["status"] == "queued" and body["progress"] == 0.0
     work()
@@ -664,6 +666,7 @@ def test_job_status(client, workspace, new_workspace, runtime, work):
     body = get(client, workspace, f"/api/v1/jobs/{bad.id}").get_json()
     assert body["status"] == "failed" and "ValueError" in body["error"]
     assert get(client, workspace, "/api/v1/jobs/no-such-job").status_code == 404
+    assert get(client, workspace, f"/api/v1/jobs/{untagged.id}").status_code == 404
 
     # Progress comes from the job's meta; a job tagged with a workspace is only its own.
     mine = runtime.queue.enqueue("builtins.len", [1], meta={"workspace_id": workspace.id, "progress": 0.25})

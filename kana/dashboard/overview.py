@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from typing import Any
 
 from flask import abort, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
 from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session as OrmSession
 
 from jobs import flags as flag_jobs
-from kana import flags, ledger
+from kana import flags, ledger, progress
 from kana import queue as events_queue
 from kana.dashboard import bp, charts
 from kana.dashboard.common import notice, runtime, ws
@@ -23,8 +20,6 @@ from kana.db import Session
 from kana.models import DeadLetter, Event, utcnow
 
 CHART_HOURS = 24
-_FINISHED = {"finished"}
-_FAILED = {"failed", "stopped", "canceled"}
 
 
 def _as_utc_hour(value: datetime | str) -> datetime:
@@ -103,47 +98,16 @@ def refresh_flags() -> ResponseReturnValue:
 # --- background jobs (flag refreshes, reprocessing, billing imports) ----------------------------------
 
 
-def _json_safe(value: Any) -> Any:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
-
-
 def job_state(job_id: str) -> dict[str, Any] | None:
     """A job of this workspace as the progress panels show it; None when unknown or another's."""
     try:
-        job = Job.fetch(job_id, connection=runtime().redis)
-    except NoSuchJobError:
-        return None
+        job = progress.workspace_job(runtime().redis, job_id, ws())
     except RedisError:
         return {"id": job_id, "status": "unknown", "progress": 0.0, "meta": {},
                 "error": "The job queue (Redis) is unreachable."}
-    if job.meta.get("workspace_id") != ws():
+    if job is None:
         return None
-    raw = job.get_status(refresh=False)
-    raw = raw.value if raw is not None else "queued"
-    status = "finished" if raw in _FINISHED else "failed" if raw in _FAILED else "started" if raw == "started" \
-        else "queued"
-    try:
-        progress = min(1.0, max(0.0, float(job.meta.get("progress") or 0.0)))
-    except (TypeError, ValueError):
-        progress = 0.0
-    state: dict[str, Any] = {
-        "id": job.id,
-        "status": status,
-        "progress": 1.0 if status == "finished" else progress,
-        "kind": job.meta.get("kind") or job.func_name.rsplit(".", 1)[-1],
-        "meta": {k: v for k, v in job.meta.items() if k in ("total", "scanned", "mapped", "customers")},
-        "description": job.description,
-    }
-    if status == "finished":
-        state["result"] = _json_safe(job.return_value())
-    elif status == "failed":
-        result = job.latest_result()
-        lines = [line for line in (getattr(result, "exc_string", None) or "").splitlines() if line.strip()]
-        state["error"] = lines[-1].strip() if lines else f"the job was {raw}"
+    state = progress.describe(job)
     state["summary"] = job_summary(state)
     return state
 

@@ -1,0 +1,78 @@
+"""Background jobs (reprocessing, flag refreshes, imports) as the API and the dashboard show them."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+# RQ's statuses folded into the four a caller acts on.
+STATUSES = {
+    "queued": "queued",
+    "created": "queued",
+    "deferred": "queued",
+    "scheduled": "queued",
+    "ready_to_enqueue": "queued",
+    "rate_limited": "queued",
+    "started": "started",
+    "finished": "finished",
+    "failed": "failed",
+    "stopped": "failed",
+    "canceled": "failed",
+}
+# Counters a job keeps in its meta while it runs (shown beside the progress bar).
+METERS = ("total", "scanned", "mapped", "customers")
+
+
+def workspace_job(redis: Redis, job_id: str, workspace_id: int) -> Job | None:
+    """The job if it was started for this workspace; None when unknown, expired or another's.
+
+    Jobs started for a workspace carry its id in their meta; the pipeline's own
+    drain jobs carry none and belong to no workspace. Redis errors propagate.
+    """
+    try:
+        job = Job.fetch(job_id, connection=redis)
+    except NoSuchJobError:
+        return None
+    return job if job.meta.get("workspace_id") == workspace_id else None
+
+
+def _json_safe(value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def _utc(moment: datetime | None) -> str | None:
+    # RQ keeps naive UTC datetimes.
+    return moment.replace(tzinfo=UTC).isoformat() if moment else None
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """Status, progress (0..1), result or error, and the job's meters."""
+    raw_status = job.get_status(refresh=False)
+    raw = raw_status.value if raw_status is not None else "queued"
+    status = STATUSES.get(raw, "queued")
+    try:
+        progress = min(1.0, max(0.0, float(job.meta.get("progress") or 0.0)))
+    except (TypeError, ValueError):
+        progress = 0.0
+    state: dict[str, Any] = {"id": job.id, "status": status, "progress": 1.0 if status == "finished" else progress}
+    if status == "finished":
+        state["result"] = _json_safe(job.return_value())
+    elif status == "failed":
+        result = job.latest_result()
+        lines = [line for line in (getattr(result, "exc_string", None) or "").splitlines() if line.strip()]
+        state["error"] = lines[-1].strip() if lines else f"the job was {raw}"
+    state["enqueued_at"] = _utc(job.enqueued_at)
+    state["ended_at"] = _utc(job.ended_at)
+    state["kind"] = job.meta.get("kind") or job.func_name.rsplit(".", 1)[-1]
+    state["meta"] = {k: v for k, v in job.meta.items() if k in METERS}
+    state["description"] = job.description
+    return state
