@@ -21,7 +21,7 @@ from sqlalchemy import select
 from jobs import flags as flag_jobs
 from jobs import imports as import_jobs
 from kana import auth, billing_import, csvio, flags
-from kana.db import Session
+from kana.db import Session, read_only
 from kana.errors import ApiError
 from kana.models import CsvImport
 
@@ -163,7 +163,7 @@ def list_csv_imports() -> ResponseReturnValue:
 
 @bp.get("/imports/csv/<int:import_id>")
 def get_csv_import(import_id: int) -> ResponseReturnValue:
-    with Session() as s:
+    with read_only(Session()) as s:
         imp = s.scalar(select(CsvImport).where(CsvImport.id == import_id, CsvImport.workspace_id == _ws()))
         if imp is None:
             raise ApiError(404, "not_found", f"No CSV import {import_id} in this workspace.")

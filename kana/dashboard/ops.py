@@ -19,7 +19,7 @@ from kana import auth, billing_import, csvio, flags, keys
 from kana import queue as events_queue
 from kana.dashboard import bp
 from kana.dashboard.common import PAGE_SIZE, actor, int_arg, notice, runtime, ws
-from kana.db import Session
+from kana.db import Session, read_only
 from kana.models import CsvImport, DeadLetter, Event, Workspace
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def csv_import_report(import_id: int) -> ResponseReturnValue:
 
 @bp.get("/csv/imports/<int:import_id>.json")
 def csv_import_json(import_id: int) -> ResponseReturnValue:
-    with Session() as s:
+    with read_only(Session()) as s:
         body = csvio.import_json(_import_or_404(s, import_id), report=False)
     return jsonify({**body, "summary": import_summary(body),
                     "progress": 1.0 if body["status"] == "finished" else body["progress"]})
