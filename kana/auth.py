@@ -17,7 +17,7 @@ from typing import Any
 from flask import current_app, g, request
 
 from kana import keys
-from kana.db import Session
+from kana.db import Session, read_only
 from kana.errors import ApiError
 from kana.keys import Principal
 
@@ -52,7 +52,7 @@ def principal_for(key: str) -> Principal | None:
         hit = _cache.get(key)
     if hit is not None and hit[0] > now:
         return hit[1]
-    with Session() as session:
+    with read_only(Session()) as session:
         principal = keys.lookup(session, key)
     with _cache_lock:
         if len(_cache) > 10_000:

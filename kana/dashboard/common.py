@@ -14,7 +14,7 @@ from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
 from kana.dashboard import bp, csrf
-from kana.db import Session
+from kana.db import Session, read_only
 from kana.models import DashboardAdmin, Workspace
 from kana.views import amount
 
@@ -62,7 +62,7 @@ def current_admin() -> Admin | None:
     admin_id, ws = session.get("admin_id"), session.get("ws")
     if not isinstance(admin_id, int) or not isinstance(ws, int):
         return None
-    with Session() as s:
+    with read_only(Session()) as s:
         row = s.execute(
             select(DashboardAdmin, Workspace.name)
             .join(Workspace, Workspace.id == DashboardAdmin.workspace_id)
