@@ -337,7 +337,7 @@ def rule_create(workspace_id: int, feature_id: str, event: str, kind: str | None
         raise click.ClickException("invalid rule: " + "; ".join(f"{k}: {' '.join(v)}"
                                                                  for k, v in exc.errors.items())) from None
     if then == "queue":
-        body["job_id"] = _enqueue_reprocess(workspace_id, f"rule {body['id']} created")
+        body.update(_reprocess_job(workspace_id, f"rule {body['id']} created"))
     elif then == "inline":
         body["reprocess"] = _reprocess_inline(workspace_id, 5000)
     if as_json:

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 import jobs
 from kana.cli import main as cli
 from kana.db import Session
-from kana.models import Event, Feature, Usage
+from kana.models import Event, Feature, Rule, Usage
 
 
 @pytest.fixture
@@ -103,6 +103,16 @@ def test_feature_create_with_redis_down_is_saved_and_says_reprocessing_was_not_q
     assert "reprocessing was not queued" in result.output
     assert f"kana reprocess --workspace {workspace.id}" in result.output
     assert stored_feature(workspace.id, "sso") is not None
+
+
+def test_rule_create_with_redis_down_is_saved_and_says_reprocessing_was_not_queued(kana, workspace):
+    assert kana("feature", "create", "--workspace", workspace.id, "exports").exit_code == 0
+    result = kana("rule", "create", "--workspace", workspace.id, "--feature", "exports", "--event", "Report Exported",
+                  REDIS_URL="redis://127.0.0.1:1/0")
+    assert result.exit_code == 0, result.output
+    assert "created" in result.output and "reprocessing was not queued" in result.output
+    with Session() as s:
+        assert s.scalar(select(func.count()).select_from(Rule).where(Rule.workspace_id == workspace.id)) == 1
 
 
 def test_feature_update_name_and_type(kana, workspace):
