@@ -37,6 +37,9 @@ class FeatureInUse(ValueError):
     """The feature has recorded usage; deleting it needs ``force``."""
 
 
+MAX_NAME = 200
+
+
 def check_id(feature_id: object) -> str:
     if not isinstance(feature_id, str) or not SLUG.fullmatch(feature_id):
         raise FeatureError(
@@ -56,6 +59,8 @@ def check_name(name: object) -> str:
         raise FeatureError("name", "must be a non-empty string")
     if "\x00" in name:
         raise FeatureError("name", "must not contain NUL characters")
+    if len(name.strip()) > MAX_NAME:
+        raise FeatureError("name", f"must be at most {MAX_NAME} characters")
     return name.strip()
 
 

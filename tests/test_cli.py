@@ -92,6 +92,9 @@ def test_feature_create_reports_field_errors_and_duplicates(kana, workspace):
     bad_type = kana("feature", "create", "--workspace", workspace.id, "seats", "--type", "metered")
     assert bad_type.exit_code == 1 and "invalid feature type: must be one of consumable, binary" in bad_type.output
     assert stored_feature(workspace.id, "seats") is None
+    long_name = kana("feature", "create", "--workspace", workspace.id, "seats", "--name", "x" * 201)
+    assert long_name.exit_code == 1 and "name: must be at most 200 characters" in long_name.output
+    assert stored_feature(workspace.id, "seats") is None
     no_ws = kana("feature", "create", "--workspace", 999_999_999, "seats")
     assert no_ws.exit_code == 1 and "no workspace 999999999" in no_ws.output
 
