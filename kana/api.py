@@ -24,7 +24,7 @@ from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 
-from kana import api_rules, auth, features, flags, identity, keys, ledger, progress
+from kana import api_rules, auth, features, flags, identity, keys, ledger, processor, progress
 from kana import queue as events_queue
 from kana.billing import check_billing_id, provider_of
 from kana.db import Session
@@ -589,29 +589,21 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     ws = _ws()
     runtime = _runtime()
     _id_or_404(dead_letter_id, "failed event")
-    with Session.begin() as s:
-        row = s.scalar(select(DeadLetter).where(DeadLetter.workspace_id == ws, DeadLetter.id == dead_letter_id))
-        if row is None:
-            raise not_found(f"No failed event {dead_letter_id} in this workspace.")
-        payload = dict(row.payload) if isinstance(row.payload, dict) else {}
-        if not isinstance(payload.get("userId"), str) or not payload.get("messageId"):
-            raise ApiError(409, "not_retryable", "This failed call has no userId or messageId and cannot be requeued.")
-        payload["ws"] = ws
-        message_id = row.message_id
-        s.delete(row)
-        s.flush()
-        # Push before the commit: if Redis is down the row stays (rollback) and
-        # the operator can retry; if the commit failed after the push, the call
-        # is requeued anyway and its messageId keeps the reapplication idempotent.
-        try:
-            parts = events_queue.push(runtime.redis, [payload], runtime.settings.partitions)
-        except RedisError as exc:
-            raise _unavailable(exc) from None
-        try:
-            runtime.enqueue_drains(parts)
-        except RedisError as exc:
-            # The call is queued; the recovery job wakes stranded partitions.
-            log.warning("requeued %s but could not enqueue its drain: %s", message_id, exc)
+    try:
+        with Session.begin() as s:
+            done = processor.requeue(s, runtime.redis, runtime.settings.partitions, ws, dead_letter_id)
+    except processor.NotRetryable as exc:
+        raise ApiError(409, "not_retryable", str(exc)) from None
+    except RedisError as exc:
+        raise _unavailable(exc) from None
+    if done is None:
+        raise not_found(f"No failed event {dead_letter_id} in this workspace.")
+    try:
+        runtime.enqueue_drains(done.partitions)
+    except RedisError as exc:
+        # The call is queued; the recovery job wakes stranded partitions.
+        log.warning("requeued %s but could not enqueue its drain: %s", done.message_id, exc)
+    message_id = done.message_id
     return jsonify({"requeued": True, "message_id": message_id}), 202
 
 

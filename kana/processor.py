@@ -14,12 +14,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from redis import Redis
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from kana import db, identity, rules, usage
+from kana import queue as events_queue
 from kana.billing import provider_of
 from kana.models import DeadLetter, Event, User, Workspace
 
@@ -39,6 +41,12 @@ class Outcome:
         self.dead += other.dead
         self.dropped += other.dropped
         return self
+
+
+@dataclass
+class Requeued:
+    message_id: str
+    partitions: list[int]  # whose drain jobs the caller enqueues after its commit
 
 
 def parse_time(value: str | None) -> datetime:
@@ -199,6 +207,31 @@ def dead_letter(session: Session, call: dict, error: BaseException) -> None:
         row.error = message
         row.payload = call
     session.flush()
+
+
+class NotRetryable(ValueError):
+    """A dead letter without the userId or messageId a queued call needs."""
+
+
+def requeue(session: Session, redis: Redis, partitions: int, workspace_id: int, dead_letter_id: int) -> Requeued | None:
+    """Send a dead letter's call back to its partition queue and drop the row; None when there is no such row.
+
+    Pushed before the caller commits: if Redis is down the push raises and the
+    row stays (rollback); if the commit fails after the push, the call is queued
+    anyway and its messageId keeps the reapplication idempotent. The caller
+    enqueues ``Requeued.partitions``' drains once committed.
+    """
+    row = session.scalar(select(DeadLetter).where(DeadLetter.workspace_id == workspace_id,
+                                                  DeadLetter.id == dead_letter_id))
+    if row is None:
+        return None
+    payload = dict(row.payload) if isinstance(row.payload, dict) else {}
+    if not isinstance(payload.get("userId"), str) or not payload.get("messageId"):
+        raise NotRetryable("This failed call has no userId or messageId and cannot be requeued.")
+    payload["ws"] = workspace_id
+    session.delete(row)
+    session.flush()
+    return Requeued(row.message_id, events_queue.push(redis, [payload], partitions, requeue=True))
 
 
 def _disconnected(exc: DBAPIError) -> bool:

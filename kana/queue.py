@@ -92,7 +92,7 @@ def dumps(event: dict) -> str:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
-def push(redis: Redis, events: Iterable[dict], partitions: int) -> list[int]:
+def push(redis: Redis, events: Iterable[dict], partitions: int, *, requeue: bool = False) -> list[int]:
     """Append events to their partitions atomically (MULTI/EXEC), in one round trip.
 
     Returns the partitions whose wake flag this push raised: each needs a drain
@@ -101,7 +101,8 @@ def push(redis: Redis, events: Iterable[dict], partitions: int) -> list[int]:
     these events or leaves them to the job this push's caller enqueues.
 
     Each event must carry ``ws`` (workspace id) and ``userId``. Raises redis errors
-    as they come: the caller answers 503 and the sender retries.
+    as they come: the caller answers 503 and the sender retries. ``requeue``
+    (a dead letter sent back) counts the calls as pending, not as received again.
     """
     pipe = redis.pipeline(transaction=True)
     touched: dict[int, None] = {}
@@ -112,7 +113,8 @@ def push(redis: Redis, events: Iterable[dict], partitions: int) -> list[int]:
         touched[p] = None
         per_ws[event["ws"]] += 1
     for ws, n in per_ws.items():
-        pipe.hincrby(stats_key(ws), "received", n)
+        if not requeue:
+            pipe.hincrby(stats_key(ws), "received", n)
         pipe.hincrby(stats_key(ws), "pending", n)
     for p in touched:
         pipe.set(wake_key(p), "1", nx=True, ex=WAKE_TTL)

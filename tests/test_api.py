@@ -616,8 +616,12 @@ def test_failed_events_are_dead_letters(client, workspace):
 
 def test_retry_dead_letter_requeues_it(client, workspace, runtime, work):
     dead = add_dead_letter(workspace.id, "retry-user", message_id="retry-me")
+    received = get(client, workspace, "/api/v1/stats").get_json()["events_received"]
     resp = post(client, workspace, f"/api/v1/events/failed/{dead}/retry")
     assert resp.status_code == 202 and resp.get_json()["requeued"] is True
+    stats = get(client, workspace, "/api/v1/stats").get_json()
+    # Received once already: a retry is pending work, not a new call.
+    assert stats["events_received"] == received and stats["events_pending"] == 1
     assert count(DeadLetter, workspace.id) == 0
     partition = events_queue.partition_of(workspace.id, "retry-user", runtime.settings.partitions)
     queued = [json.loads(x) for x in runtime.redis.lrange(events_queue.queue_key(partition), 0, -1)]

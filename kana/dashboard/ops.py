@@ -15,8 +15,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from jobs import imports as import_jobs
-from kana import auth, billing_import, csvio, flags, keys
-from kana import queue as events_queue
+from kana import auth, billing_import, csvio, flags, keys, processor
 from kana.dashboard import bp
 from kana.dashboard.common import PAGE_SIZE, actor, int_arg, notice, runtime, ws
 from kana.db import Session, read_only
@@ -184,10 +183,6 @@ def dead_letters() -> ResponseReturnValue:
                            older=rows[-1].id if more and rows else None, paged=before is not None)
 
 
-class _NotRetryable(Exception):
-    pass
-
-
 @bp.post("/events/failed/<int:dead_letter_id>/retry")
 def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     """Put a failed call back on its partition queue, as ``POST /api/v1/events/failed/{id}/retry`` does."""
@@ -195,31 +190,21 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     rt = runtime()
     try:
         with Session.begin() as s:
-            row = s.scalar(select(DeadLetter).where(DeadLetter.workspace_id == workspace_id,
-                                                    DeadLetter.id == dead_letter_id))
-            if row is None:
-                abort(404, description=f"No failed event {dead_letter_id} in this workspace.")
-            payload = dict(row.payload) if isinstance(row.payload, dict) else {}
-            if not isinstance(payload.get("userId"), str) or not payload.get("messageId"):
-                raise _NotRetryable
-            payload["ws"] = workspace_id
-            message_id = row.message_id
-            s.delete(row)
-            s.flush()
-            # Pushed before the commit: if Redis is down the row stays (rollback). A
-            # commit failing after the push requeues it anyway; its messageId keeps that idempotent.
-            parts = events_queue.push(rt.redis, [payload], rt.settings.partitions)
-    except _NotRetryable:
-        notice("This failed call has no userId or messageId and cannot be requeued.", "error")
+            done = processor.requeue(s, rt.redis, rt.settings.partitions, workspace_id, dead_letter_id)
+    except processor.NotRetryable as exc:
+        notice(str(exc), "error")
         return redirect(url_for("dashboard.dead_letters"))
     except RedisError:
         notice(UNREACHABLE, "error")
         return redirect(url_for("dashboard.dead_letters"))
+    if done is None:
+        abort(404, description=f"No failed event {dead_letter_id} in this workspace.")
     try:
-        rt.enqueue_drains(parts)
+        rt.enqueue_drains(done.partitions)
     except RedisError as exc:
         # The call is queued; the recovery job wakes stranded partitions.
-        log.warning("requeued %s but could not enqueue its drain: %s", message_id, exc)
+        log.warning("requeued %s but could not enqueue its drain: %s", done.message_id, exc)
+    message_id = done.message_id
     notice(f"Requeued {message_id}; it is processed again shortly.")
     return redirect(url_for("dashboard.dead_letters"))
 
