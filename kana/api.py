@@ -16,7 +16,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, request, url_for
+from flask import Blueprint, current_app, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from redis.exceptions import RedisError
@@ -28,8 +28,7 @@ from kana import api_rules, auth, features, flags, identity, keys, ledger, proce
 from kana import queue as events_queue
 from kana.billing import check_billing_id, provider_of
 from kana.db import Session
-from kana.errors import ApiError, json_object
-from kana.keys import Principal
+from kana.errors import ApiError, json_object, unavailable
 from kana.models import Audit, DeadLetter, Event, User, Workspace
 from kana.views import (
     amount,
@@ -225,25 +224,12 @@ def _authenticate() -> None:
         auth.require_admin()
 
 
-def _principal() -> Principal:
-    return g.principal
 
-
-def _ws() -> int:
-    return _principal().workspace_id
-
-
-def _actor() -> str:
-    return f"api-key:{_principal().key_id}"
 
 
 def _runtime() -> Any:
     return current_app.extensions["kana"]
 
-
-def _unavailable(exc: Exception) -> ApiError:
-    log.warning("redis unavailable: %s", exc)
-    return ApiError(503, "unavailable", "The queue (Redis) is unreachable; retry shortly.")
 
 
 def encode_cursor(value: int) -> str:
@@ -335,7 +321,7 @@ def _user_filters(session: OrmSession, workspace_id: int, args: dict[str, Any]) 
 @bp.get("/users")
 def list_users() -> ResponseReturnValue:
     args = _query(UserListQuery())
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         stmt = select(User).where(*_user_filters(s, ws, args))
         users, cursor = _page(s, stmt, User.kana_id, args)
@@ -351,7 +337,7 @@ def create_user() -> ResponseReturnValue:
             _user_id_field(data["user_id"])
         except ValidationError as exc:
             raise invalid({"user_id": exc.messages}) from None
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         workspace = s.get(Workspace, ws)
         billing_id = data["billing_id"] or None
@@ -378,7 +364,7 @@ def create_user() -> ResponseReturnValue:
 
 @bp.get("/users/<int:kana_id>")
 def get_user(kana_id: int) -> ResponseReturnValue:
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         user = _user(s, ws, kana_id)
         body = user_json(user, identity.aliases_of(s, ws, kana_id))
@@ -391,7 +377,7 @@ def merge_users() -> ResponseReturnValue:
     ids = list(dict.fromkeys(data["kana_ids"]))
     if len(ids) < 2:
         raise field_error("kana_ids", "Needs at least two distinct kana_ids.")
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         users = list(s.scalars(select(User).where(User.workspace_id == ws, User.kana_id.in_(ids))))
         missing = sorted(set(ids) - {u.kana_id for u in users})
@@ -399,7 +385,7 @@ def merge_users() -> ResponseReturnValue:
             raise ApiError(404, "not_found", f"No user with kana_id {', '.join(map(str, missing))} in this workspace.",
                            errors={"kana_ids": [f"Unknown kana_id {m}." for m in missing]})
         try:
-            survivor = identity.merge(s, ws, users, trigger="api", actor=_actor())
+            survivor = identity.merge(s, ws, users, trigger="api", actor=auth.actor())
         except ValueError as exc:  # identity.Conflict included: a user merged away meanwhile
             raise ApiError(409, "conflict", str(exc)) from None
         body = user_json(survivor, identity.aliases_of(s, ws, survivor.kana_id))
@@ -408,10 +394,10 @@ def merge_users() -> ResponseReturnValue:
 
 @bp.delete("/users/<int:kana_id>")
 def delete_user(kana_id: int) -> ResponseReturnValue:
-    ws = _ws()
+    ws = auth.workspace_id()
     _id_or_404(kana_id, "user with kana_id")
     with Session.begin() as s:
-        if not identity.delete_users(s, ws, [kana_id], trigger="api", actor=_actor()):
+        if not identity.delete_users(s, ws, [kana_id], trigger="api", actor=auth.actor()):
             raise not_found(f"No user with kana_id {kana_id} in this workspace.")
     return "", 204
 
@@ -443,7 +429,7 @@ def _series_range(session: OrmSession, ws: int, kana_id: int, feature_id: str,
 def user_usage(kana_id: int) -> ResponseReturnValue:
     args = _query(UsageQuery())
     _check_range(args)
-    ws = _ws()
+    ws = auth.workspace_id()
     feature_id = args["feature"]
     with Session.begin() as s:
         _user(s, ws, kana_id)
@@ -470,7 +456,7 @@ def user_usage(kana_id: int) -> ResponseReturnValue:
 def top_usage() -> ResponseReturnValue:
     args = _query(TopUsageQuery())
     _check_range(args)
-    ws = _ws()
+    ws = auth.workspace_id()
     feature_id = args["feature"]
     with Session.begin() as s:
         _feature(s, ws, feature_id, "feature")
@@ -498,7 +484,7 @@ def _feature_error(exc: features.FeatureError) -> ApiError:
 @bp.post("/features")
 def create_feature() -> ResponseReturnValue:
     data = _body(FeatureCreate())
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         try:
             feature = features.create_feature(s, ws, data["id"], data["name"], data["type"])
@@ -513,21 +499,21 @@ def create_feature() -> ResponseReturnValue:
 @bp.get("/features")
 def list_features() -> ResponseReturnValue:
     with Session.begin() as s:
-        body = {"features": [feature_json(f) for f in features.list_features(s, _ws())]}
+        body = {"features": [feature_json(f) for f in features.list_features(s, auth.workspace_id())]}
     return jsonify(body)
 
 
 @bp.get("/features/<feature_id>")
 def get_feature(feature_id: str) -> ResponseReturnValue:
     with Session.begin() as s:
-        body = feature_json(_feature(s, _ws(), feature_id))
+        body = feature_json(_feature(s, auth.workspace_id(), feature_id))
     return jsonify(body)
 
 
 @bp.patch("/features/<feature_id>")
 def update_feature(feature_id: str) -> ResponseReturnValue:
     data = _body(FeatureUpdate())
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         _feature(s, ws, feature_id)
         try:
@@ -541,7 +527,7 @@ def update_feature(feature_id: str) -> ResponseReturnValue:
 @bp.delete("/features/<feature_id>")
 def delete_feature(feature_id: str) -> ResponseReturnValue:
     args = _query(FeatureDeleteQuery())
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         _feature(s, ws, feature_id)
         try:
@@ -557,7 +543,7 @@ def delete_feature(feature_id: str) -> ResponseReturnValue:
 @bp.get("/events")
 def list_events() -> ResponseReturnValue:
     args = _query(EventListQuery())
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         user = identity.find_user(s, ws, args["user_id"]) if args["user_id"] is not None else None
         if args["status"] == "failed":
@@ -586,7 +572,7 @@ def list_events() -> ResponseReturnValue:
 
 @bp.post("/events/failed/<int:dead_letter_id>/retry")
 def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
-    ws = _ws()
+    ws = auth.workspace_id()
     runtime = _runtime()
     _id_or_404(dead_letter_id, "failed event")
     try:
@@ -595,7 +581,7 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     except processor.NotRetryable as exc:
         raise ApiError(409, "not_retryable", str(exc)) from None
     except RedisError as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     if done is None:
         raise not_found(f"No failed event {dead_letter_id} in this workspace.")
     try:
@@ -612,11 +598,11 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
 
 @bp.get("/stats")
 def stats() -> ResponseReturnValue:
-    ws = _ws()
+    ws = auth.workspace_id()
     try:
         counters = events_queue.workspace_counters(_runtime().redis, ws)
     except RedisError as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     with Session.begin() as s:
         processed = s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws)) or 0
         failed = s.scalar(select(func.count()).select_from(DeadLetter).where(DeadLetter.workspace_id == ws)) or 0
@@ -631,9 +617,9 @@ def stats() -> ResponseReturnValue:
 @bp.get("/jobs/<job_id>")
 def job_status(job_id: str) -> ResponseReturnValue:
     try:
-        job = progress.workspace_job(_runtime().redis, job_id, _ws())
+        job = progress.workspace_job(_runtime().redis, job_id, auth.workspace_id())
     except RedisError as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     if job is None:
         raise not_found(f"No job {job_id!r} (unknown, another workspace's, or its result has expired).")
     state = progress.describe(job)
@@ -647,7 +633,7 @@ def job_status(job_id: str) -> ResponseReturnValue:
 @bp.get("/workspace")
 def get_workspace() -> ResponseReturnValue:
     with Session.begin() as s:
-        body = workspace_json(s.get(Workspace, _ws()))
+        body = workspace_json(s.get(Workspace, auth.workspace_id()))
     return jsonify(body)
 
 
@@ -655,7 +641,7 @@ def get_workspace() -> ResponseReturnValue:
 def update_workspace() -> ResponseReturnValue:
     data = _body(WorkspaceUpdate())
     with Session.begin() as s:
-        row = s.get(Workspace, _ws())
+        row = s.get(Workspace, auth.workspace_id())
         for field, value in data.items():
             if isinstance(value, str):
                 value = value.strip() or None
@@ -673,7 +659,7 @@ def update_workspace() -> ResponseReturnValue:
 def list_audit() -> ResponseReturnValue:
     args = _query(PageQuery())
     with Session.begin() as s:
-        stmt = select(Audit).where(Audit.workspace_id == _ws())
+        stmt = select(Audit).where(Audit.workspace_id == auth.workspace_id())
         rows, cursor = _page(s, stmt, Audit.id, args, descending=True)
         body = {"audit": [audit_json(r) for r in rows], "next_cursor": cursor}
     return jsonify(body)
@@ -682,7 +668,7 @@ def list_audit() -> ResponseReturnValue:
 @bp.get("/keys")
 def list_keys() -> ResponseReturnValue:
     with Session.begin() as s:
-        body = {"keys": [key_json(k) for k in keys.list_keys(s, _ws())]}
+        body = {"keys": [key_json(k) for k in keys.list_keys(s, auth.workspace_id())]}
     return jsonify(body)
 
 
@@ -690,7 +676,7 @@ def list_keys() -> ResponseReturnValue:
 def create_key() -> ResponseReturnValue:
     data = _body(KeyCreate())
     with Session.begin() as s:
-        row, plain = keys.create_key(s, _ws(), data["scope"], name=data["name"])
+        row, plain = keys.create_key(s, auth.workspace_id(), data["scope"], name=data["name"])
         # The only time the key is shown: it is stored hashed.
         body = {**key_json(row), "api_key": plain}
     return jsonify(body), 201
@@ -700,7 +686,7 @@ def create_key() -> ResponseReturnValue:
 def revoke_key(key_id: int) -> ResponseReturnValue:
     _id_or_404(key_id, "API key")
     with Session.begin() as s:
-        if not keys.revoke_key(s, _ws(), key_id):
+        if not keys.revoke_key(s, auth.workspace_id(), key_id):
             raise not_found(f"No API key {key_id} in this workspace.")
     auth.clear_cache()  # effective at once in this process, within the cache TTL elsewhere
     return "", 204

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 from sqlalchemy import select
@@ -22,7 +22,7 @@ from jobs import flags as flag_jobs
 from jobs import imports as import_jobs
 from kana import auth, billing_import, csvio, flags
 from kana.db import Session, read_only
-from kana.errors import ApiError
+from kana.errors import ApiError, unavailable
 from kana.models import CsvImport
 
 log = logging.getLogger(__name__)
@@ -33,21 +33,11 @@ bp = Blueprint("ops_api", __name__, url_prefix="/api/v1")
 bp.before_request(auth.require_admin)
 
 
-def _ws() -> int:
-    return g.principal.workspace_id
-
-
-def _actor() -> str:
-    return f"api-key:{g.principal.key_id}"
 
 
 def _runtime() -> Any:
     return current_app.extensions["kana"]
 
-
-def _unavailable(exc: Exception) -> ApiError:
-    log.warning("redis unavailable: %s", exc)
-    return ApiError(503, "unavailable", "The job queue (Redis) is unreachable; retry shortly.")
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
@@ -81,16 +71,17 @@ def _flag_arg() -> str | None:
 def get_flags() -> ResponseReturnValue:
     limit = _int_arg("groups_limit", flags.GROUPS_LIMIT, 1, flags.MAX_GROUPS_LIMIT)
     with Session() as s:
-        body = flags.summary(s, _ws(), groups_limit=limit, after=request.args.get("groups_cursor") or None)
+        body = flags.summary(s, auth.workspace_id(), groups_limit=limit,
+                             after=request.args.get("groups_cursor") or None)
     return jsonify(body)
 
 
 @bp.post("/flags/refresh")
 def refresh_flags() -> ResponseReturnValue:
     try:
-        job_id = flag_jobs.enqueue_refresh(_runtime().queue, _ws())
+        job_id = flag_jobs.enqueue_refresh(_runtime().queue, auth.workspace_id())
     except RedisError as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     return jsonify({"job_id": job_id}), 202
 
 
@@ -100,7 +91,7 @@ def refresh_flags() -> ResponseReturnValue:
 @bp.get("/exports/users.csv")
 def export_users() -> ResponseReturnValue:
     flag = _flag_arg()
-    workspace_id = _ws()
+    workspace_id = auth.workspace_id()
 
     def generate() -> Iterator[str]:
         # Its own session: the response body is produced after this view returns.
@@ -139,17 +130,17 @@ def import_csv() -> ResponseReturnValue:
         if exc.line is not None:
             errors["line"] = exc.line
         raise ApiError(400, "invalid_csv", exc.message, errors=errors) from None
-    workspace_id = _ws()
+    workspace_id = auth.workspace_id()
     job_id = f"csv-import-{uuid.uuid4().hex}"
     with Session.begin() as s:
         import_id = csvio.create_import(s, workspace_id, filename, job_id).id
     rt = _runtime()
     try:
         import_jobs.enqueue_csv(rt.queue, rt.redis, import_id, job_id, data, workspace_id=workspace_id,
-                                actor=_actor())
+                                actor=auth.actor())
     except RedisError as exc:
         csvio.finish(Session, import_id, "failed", "The job queue was unreachable; upload the file again.")
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     return jsonify({"job_id": job_id, "import_id": import_id}), 202
 
 
@@ -157,14 +148,16 @@ def import_csv() -> ResponseReturnValue:
 def list_csv_imports() -> ResponseReturnValue:
     limit = _int_arg("limit", 20, 1, 100)
     with Session() as s:
-        body = {"imports": [csvio.import_json(i, report=False) for i in csvio.recent_imports(s, _ws(), limit)]}
+        recent = csvio.recent_imports(s, auth.workspace_id(), limit)
+        body = {"imports": [csvio.import_json(i, report=False) for i in recent]}
     return jsonify(body)
 
 
 @bp.get("/imports/csv/<int:import_id>")
 def get_csv_import(import_id: int) -> ResponseReturnValue:
     with read_only(Session()) as s:
-        imp = s.scalar(select(CsvImport).where(CsvImport.id == import_id, CsvImport.workspace_id == _ws()))
+        imp = s.scalar(select(CsvImport).where(CsvImport.id == import_id,
+                                               CsvImport.workspace_id == auth.workspace_id()))
         if imp is None:
             raise ApiError(404, "not_found", f"No CSV import {import_id} in this workspace.")
         body = csvio.import_json(imp)
@@ -176,7 +169,7 @@ def get_csv_import(import_id: int) -> ResponseReturnValue:
 
 def _billing_import(provider: str) -> ResponseReturnValue:
     rt = _runtime()
-    workspace_id = _ws()
+    workspace_id = auth.workspace_id()
     with Session() as s:
         try:
             billing_import.credentials(s, workspace_id, provider, rt.settings)
@@ -185,7 +178,7 @@ def _billing_import(provider: str) -> ResponseReturnValue:
     try:
         job_id = import_jobs.enqueue_billing(rt.queue, workspace_id, provider)
     except RedisError as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     return jsonify({"job_id": job_id}), 202
 
 

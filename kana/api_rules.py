@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, current_app, g, jsonify, url_for
+from flask import Blueprint, current_app, jsonify, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 
@@ -27,9 +27,6 @@ MAX_ID = 2**63 - 1
 
 bp.before_request(auth.require_admin)
 
-
-def _ws() -> int:
-    return g.principal.workspace_id
 
 
 def _invalid(exc: rules.RuleError) -> ApiError:
@@ -63,7 +60,7 @@ def reprocess_job(workspace_id: int, why: str) -> dict[str, Any]:
 @bp.post("/rules")
 def create_rule() -> ResponseReturnValue:
     data = json_object()
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         try:
             rule = rules.create_rule(s, ws, data)
@@ -77,7 +74,7 @@ def create_rule() -> ResponseReturnValue:
 @bp.get("/rules")
 def list_rules() -> ResponseReturnValue:
     with Session.begin() as s:
-        body = {"rules": [rules.to_dict(r) for r in rules.list_rules(s, _ws())]}
+        body = {"rules": [rules.to_dict(r) for r in rules.list_rules(s, auth.workspace_id())]}
     return jsonify(body)
 
 
@@ -86,7 +83,7 @@ def get_rule(rule_id: int) -> ResponseReturnValue:
     _check_id(rule_id)
     with Session.begin() as s:
         try:
-            body = rules.to_dict(rules.get_rule(s, _ws(), rule_id))
+            body = rules.to_dict(rules.get_rule(s, auth.workspace_id(), rule_id))
         except rules.RuleNotFound:
             raise _not_found(rule_id) from None
     return jsonify(body)
@@ -96,7 +93,7 @@ def get_rule(rule_id: int) -> ResponseReturnValue:
 def update_rule(rule_id: int) -> ResponseReturnValue:
     _check_id(rule_id)
     data = json_object()
-    ws = _ws()
+    ws = auth.workspace_id()
     with Session.begin() as s:
         try:
             body = rules.to_dict(rules.update_rule(s, ws, rule_id, data))
@@ -113,7 +110,7 @@ def delete_rule(rule_id: int) -> ResponseReturnValue:
     _check_id(rule_id)
     with Session.begin() as s:
         try:
-            rules.delete_rule(s, _ws(), rule_id)
+            rules.delete_rule(s, auth.workspace_id(), rule_id)
         except rules.RuleNotFound:
             raise _not_found(rule_id) from None
     return "", 204
@@ -123,7 +120,7 @@ def delete_rule(rule_id: int) -> ResponseReturnValue:
 def reprocess_now() -> ResponseReturnValue:
     """Queue a reprocessing pass by hand (e.g. after a Redis outage hid one)."""
     try:
-        job_id = reprocess.enqueue(current_app.extensions["kana"].queue, _ws(), why="requested")
+        job_id = reprocess.enqueue(current_app.extensions["kana"].queue, auth.workspace_id(), why="requested")
     except RedisError as exc:
         log.warning("redis unavailable: %s", exc)
         raise ApiError(503, "unavailable", "The queue (Redis) is unreachable; retry shortly.") from None

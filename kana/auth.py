@@ -83,6 +83,16 @@ def authenticate(body: Any = None, scope: str = "ingest") -> Principal:
     return principal
 
 
+def workspace_id() -> int:
+    """The authenticated request's workspace."""
+    return g.principal.workspace_id
+
+
+def actor() -> str:
+    """Who is acting, for the audit log: the request's API key."""
+    return f"api-key:{g.principal.key_id}"
+
+
 def require_admin() -> None:
     """``before_request`` of the admin API blueprints: an admin key, in any form the receiver takes."""
     authenticate(request.get_json(silent=True) if request.is_json else None, scope="admin")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -21,6 +24,12 @@ class ApiError(Exception):
         if self.errors:
             body["errors"] = self.errors
         return body
+
+
+def unavailable(exc: Exception) -> ApiError:
+    """503 for an unreachable Redis: the caller (or Segment) retries."""
+    log.warning("redis unavailable: %s", exc)
+    return ApiError(503, "unavailable", "The queue (Redis) is unreachable; retry shortly.")
 
 
 def json_object() -> dict[str, Any]:
