@@ -224,12 +224,8 @@ def _authenticate() -> None:
         auth.require_admin()
 
 
-
-
-
 def _runtime() -> Any:
     return current_app.extensions["kana"]
-
 
 
 def encode_cursor(value: int) -> str:

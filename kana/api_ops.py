@@ -8,7 +8,6 @@ row that isn't there yet.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -25,19 +24,14 @@ from kana.db import Session, read_only
 from kana.errors import ApiError, unavailable
 from kana.models import CsvImport
 
-log = logging.getLogger(__name__)
-
 bp = Blueprint("ops_api", __name__, url_prefix="/api/v1")
 
 
 bp.before_request(auth.require_admin)
 
 
-
-
 def _runtime() -> Any:
     return current_app.extensions["kana"]
-
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:

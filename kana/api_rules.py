@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from kana import auth, reprocess, rules
 from kana.db import Session
-from kana.errors import ApiError, json_object
+from kana.errors import ApiError, json_object, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ MAX_ID = 2**63 - 1
 
 
 bp.before_request(auth.require_admin)
-
 
 
 def _invalid(exc: rules.RuleError) -> ApiError:
@@ -122,8 +121,7 @@ def reprocess_now() -> ResponseReturnValue:
     try:
         job_id = reprocess.enqueue(current_app.extensions["kana"].queue, auth.workspace_id(), why="requested")
     except RedisError as exc:
-        log.warning("redis unavailable: %s", exc)
-        raise ApiError(503, "unavailable", "The queue (Redis) is unreachable; retry shortly.") from None
+        raise unavailable(exc) from None
     return jsonify({"job_id": job_id}), 202
 
 
