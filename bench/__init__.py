@@ -1,0 +1,20 @@
+"""Benchmarks: scripts run by hand (see the README); each writes a JSON report."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_report(kind: str, report: dict[str, Any], out: str | Path | None = None) -> Path:
+    """Write ``report`` as ``{kind}-{UTC time}.json`` under ``out`` (bench/results by default) and say where."""
+    folder = Path(out) if out is not None else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(f"report: {path}")
+    return path

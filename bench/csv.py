@@ -30,6 +30,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 import config
+from bench import write_report
 from bench.flags import load_users
 from kana import csvio, db, keys, migrate
 
@@ -148,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "import_target_rows_per_s": 5000,
         "import_met": all(r["rows_per_s"] >= 5000 for r in imports.values()),
     }
-    path = ROOT / "bench" / "results" / f"csv-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    print(f"report: {path}")
+    write_report("csv", report)
     return 0
 
 

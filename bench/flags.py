@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 from sqlalchemy import text
 
 import config
+from bench import write_report
 from kana import db, flags, keys, migrate
 from kana.models import FlagRefresh
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_users(engine, workspace_id: int, n: int, seed: int = 11) -> None:  # noqa: ANN001
@@ -137,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_seconds": 10,
         "met": all(r["seconds"] < 10 for r in results.values()),
     }
-    out = ROOT / "bench" / "results" / f"flags-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(f"report: {out}")
+    write_report("flags", report)
     return 0
 
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import config
 import jobs
 from app import create_app
+from bench import RESULTS, write_report
 from bench.run import ROOT, new_workspace, stored, workload
 from jobs import events as event_jobs
 from kana import db, migrate
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--users", type=int, default=10000)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
     settings = config.load()
@@ -89,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntop {args.top} by {title}:")
         for row in report[key_name]:
             print(f"  {row['own_s']:8.3f} {row['cumulative_s']:8.3f} {row['calls']:>9}  {row['function']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"report: {path}")
+    write_report("profile", report, args.out)
     return 0
 
 

@@ -22,15 +22,14 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import delete, func, select, text
 
 import config
+from bench import RESULTS, write_report
 from kana import db, keys, migrate, reprocess, rules
 from kana.models import Event, Feature, Rule, Usage, User, Workspace
 
-ROOT = Path(__file__).resolve().parent.parent
 TIERS = ("free", "team", "pro", "enterprise")
 CHANNELS = ("email", "sms", "push", "webhook")
 
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--chunk", type=int, default=reprocess.CHUNK)
     ap.add_argument("--keep", action="store_true", help="keep the seeded workspace (default: delete it)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
     settings = config.load()
@@ -210,11 +209,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['events_per_s']} events/s; RSS {report['rss_mb']['min_during']}–"
           f"{report['rss_mb']['max_during']} MB during the run, peak {report['peak_rss_mb']['after_reprocess']} MB; "
           f"second run mapped {again.mapped} in {rerun_s:.1f}s; check ok={report['check']['ok']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"reprocess-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"report: {path}")
+    write_report("reprocess", report, args.out)
     if not args.keep:
         cleanup(ws_id)
     return 0 if report["check"]["ok"] else 1

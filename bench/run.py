@@ -36,6 +36,7 @@ from rq import Queue
 from sqlalchemy import func, select
 
 import config
+from bench import RESULTS, write_report
 from kana import db, keys, migrate
 from kana import queue as events_queue
 from kana.broker import connect
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[2])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--users", type=int, default=10000)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--wrk-seconds", type=int, default=10, help="length of each wrk run (when wrk is installed)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds: tiny sizes, one repetition")
@@ -421,11 +422,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{rm['segment_requests_per_s']:.0f} req/s, p50 {rm['segment_p50_ms']:.1f} ms, "
           f"p99 {rm['segment_p99_ms']:.1f} ms ({report['receiver']['client']}); batch ingest "
           f"{report['receiver']['ratio_batch_vs_redis_floor']:.2f}x the raw Redis push floor")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"report: {path}")
+    write_report("bench", report, args.out)
     return 0
 
 
