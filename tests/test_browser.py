@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from kana import identity
 from kana.dashboard import accounts
-from kana.db import Session
+from kana.db import Session, read_only
 from kana.models import Audit, Event, User
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -129,7 +129,7 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
 
 
 def count_events(ws_id: int, status: str | None = None) -> int:
-    with Session() as s:
+    with read_only(Session()) as s:
         stmt = select(func.count()).select_from(Event).where(Event.workspace_id == ws_id)
         if status:
             stmt = stmt.where(Event.status == status)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from kana import queue as events_queue
-from kana.db import Session
+from kana.db import Session, read_only
 from kana.models import DeadLetter, Event, Feature, Usage, User
 from tests.conftest import wait_until
 
@@ -23,7 +23,8 @@ def add_feature(ws_id: int, feature_id: str = "messages") -> None:
 
 
 def usage_total(ws_id: int, feature_id: str = "messages") -> Decimal:
-    with Session() as s:
+    # Read-only: on SQLite these polls must not queue behind the workers' writes.
+    with read_only(Session()) as s:
         return s.scalar(
             select(func.coalesce(func.sum(Usage.delta), 0)).where(
                 Usage.workspace_id == ws_id, Usage.feature_id == feature_id
@@ -32,7 +33,7 @@ def usage_total(ws_id: int, feature_id: str = "messages") -> Decimal:
 
 
 def count(model, ws_id: int) -> int:
-    with Session() as s:
+    with read_only(Session()) as s:
         return s.scalar(select(func.count()).select_from(model).where(model.workspace_id == ws_id))
 
 
