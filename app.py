@@ -18,7 +18,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["kana"] = Runtime(settings)
     errors.register(app)
 
-    from kana import api, api_ops, api_rules, health, receiver
+    from kana import health
+    from kana.api import ops as api_ops
+    from kana.api import rules as api_rules
+    from kana.api import users as api
+    from kana.ingest import receiver
 
     app.register_blueprint(receiver.bp)
     app.register_blueprint(api.bp)

@@ -32,7 +32,9 @@ from sqlalchemy import text
 import config
 from bench import write_report
 from bench.flags import load_users
-from kana import csvio, db, keys, migrate
+from kana import db, migrate
+from kana.domain import keys
+from kana.imports import csvfile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,15 +51,15 @@ def _rss_mb() -> float:
 def export_child(workspace_id: int) -> dict:
     """Run in a child process: export one workspace to /dev/null, report time and peak RSS."""
     db.configure(config.load().database_url)
-    with db.Session() as s:
+    with db.SessionLocal() as s:
         # Warm up imports, the connection and the first query before taking the baseline.
-        next(iter(csvio.export_lines(s, workspace_id, chunk=10)))
+        next(iter(csvfile.export_lines(s, workspace_id, chunk=10)))
     baseline = _rss_mb()
     rows = -1
     size = 0
     start = time.perf_counter()
-    with db.Session() as s, open(os.devnull, "w") as sink:
-        for piece in csvio.export_lines(s, workspace_id):
+    with db.SessionLocal() as s, open(os.devnull, "w") as sink:
+        for piece in csvfile.export_lines(s, workspace_id):
             rows += piece.count("\r\n")
             size += len(piece)
             sink.write(piece)
@@ -74,10 +76,10 @@ def run_export(workspace_id: int) -> dict:
 
 
 def timed_import(workspace_id: int, data: bytes, name: str) -> dict:
-    with db.Session.begin() as s:
-        import_id = csvio.create_import(s, workspace_id, name).id
+    with db.SessionLocal.begin() as s:
+        import_id = csvfile.create_import(s, workspace_id, name).id
     start = time.perf_counter()
-    summary = csvio.run_import(db.Session, import_id, data, actor="bench")
+    summary = csvfile.run_import(db.SessionLocal, import_id, data, actor="bench")
     seconds = time.perf_counter() - start
     assert summary["status"] == "finished" and summary["failed"] == 0, summary
     rows = summary["total"]
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     exports = {}
     for n in sorted({max(1, args.export_users // 10), args.export_users}):
-        with db.Session.begin() as s:
+        with db.SessionLocal.begin() as s:
             ws_id = keys.create_workspace(s, f"bench-csv-export-{n}-{stamp}")[0].id
         load_users(engine, ws_id, n)
         # As autovacuum would after a bulk load: the planner needs to know the workspace is big.
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         exports[n] = run_export(ws_id)
         print(f"export {n:>9,} users: {exports[n]}", flush=True)
 
-    with db.Session.begin() as s:
+    with db.SessionLocal.begin() as s:
         ws_id = keys.create_workspace(s, f"bench-csv-import-{stamp}", "stripe")[0].id
     n = args.import_rows
     lines = ["user_id,name,email,billing_id"] + [
@@ -126,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         "create": timed_import(ws_id, new_file, "create"),
         "reimport": timed_import(ws_id, new_file, "reimport"),
     }
-    with db.Session() as s:
-        exported = "".join(csvio.export_lines(s, ws_id))
+    with db.SessionLocal() as s:
+        exported = "".join(csvfile.export_lines(s, ws_id))
     rows = list(csv.DictReader(io.StringIO(exported)))
     for row in rows:
         row["name"] = row["name"] + " (renamed)"
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(csvio.COLUMNS), lineterminator="\r\n")
+    writer = csv.DictWriter(out, fieldnames=list(csvfile.COLUMNS), lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(rows)
     renamed = out.getvalue().encode()

@@ -29,7 +29,8 @@ from sqlalchemy import text
 
 import config
 from bench import write_report
-from kana import db, flags, keys, migrate
+from kana import db, migrate
+from kana.domain import flags, keys
 from kana.models import FlagRefresh
 
 
@@ -64,7 +65,7 @@ def load_users(engine, workspace_id: int, n: int, seed: int = 11) -> None:  # no
 
 def timed_refresh(workspace_id: int) -> tuple[float, dict]:
     start = time.perf_counter()
-    with db.Session.begin() as s:
+    with db.SessionLocal.begin() as s:
         counts = flags.refresh(s, workspace_id)
     return time.perf_counter() - start, counts
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     migrate.upgrade(settings.database_url)
     engine = db.configure(settings.database_url)
-    with db.Session.begin() as s:
+    with db.SessionLocal.begin() as s:
         ws, _ = keys.create_workspace(s, f"bench-flags-{int(time.time())}")
         other, _ = keys.create_workspace(s, "bench-flags-neighbour")
         ws_id, other_id = ws.id, other.id
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.execute(text("VACUUM ANALYZE users"))
     record("worst")
 
-    with db.Session() as s:
+    with db.SessionLocal() as s:
         refreshed = s.get(FlagRefresh, ws_id)
         assert refreshed is not None and refreshed.missing_billing_id == args.users
     report = {

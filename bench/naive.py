@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from kana import processor
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.ingest import processor
 
 
 def apply_one(call: dict) -> None:
-    processor.process(Session, [call])
+    processor.process(SessionLocal, [call])

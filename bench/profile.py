@@ -25,7 +25,7 @@ from bench import RESULTS, write_report
 from bench.run import ROOT, new_workspace, stored, workload
 from jobs import events as event_jobs
 from kana import db, migrate
-from kana import queue as events_queue
+from kana.ingest import spool
 
 
 def top(stats: pstats.Stats, key: str, n: int) -> list[dict]:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
-    while events_queue.depth(runtime.redis, settings.partitions):
+    while spool.depth(runtime.redis, settings.partitions):
         for p in range(settings.partitions):
             event_jobs.drain(p)
     profiler.disable()

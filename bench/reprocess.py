@@ -27,7 +27,8 @@ from sqlalchemy import delete, func, select, text
 
 import config
 from bench import RESULTS, write_report
-from kana import db, keys, migrate, reprocess, rules
+from kana import db, migrate
+from kana.domain import keys, reprocess, rules
 from kana.models import Event, Feature, Rule, Usage, User, Workspace
 
 TIERS = ("free", "team", "pro", "enterprise")
@@ -121,7 +122,7 @@ def peak_rss_mb() -> float:
 
 
 def cleanup(ws_id: int) -> None:
-    with db.Session.begin() as s:
+    with db.SessionLocal.begin() as s:
         for model in (Usage, Event, Rule, Feature, User):
             s.execute(delete(model).where(model.workspace_id == ws_id))
         s.execute(text("DELETE FROM api_keys WHERE workspace_id = :ws"), {"ws": ws_id})
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     migrate.upgrade(settings.database_url)
     db.configure(settings.database_url)
 
-    with db.Session.begin() as s:
+    with db.SessionLocal.begin() as s:
         ws, _ = keys.create_workspace(s, f"bench-reprocess-{datetime.now(UTC):%H%M%S}")
         ws_id = ws.id
         for i in range(args.rules):
@@ -172,15 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     rss_before = rss_mb()
     peak_before = peak_rss_mb()
     started = time.perf_counter()
-    state = reprocess.reprocess(db.Session, ws_id, progress=progress, chunk=args.chunk)
+    state = reprocess.reprocess(db.SessionLocal, ws_id, progress=progress, chunk=args.chunk)
     elapsed = time.perf_counter() - started
     peak_after = peak_rss_mb()
 
     started = time.perf_counter()
-    again = reprocess.reprocess(db.Session, ws_id, chunk=args.chunk)
+    again = reprocess.reprocess(db.SessionLocal, ws_id, chunk=args.chunk)
     rerun_s = time.perf_counter() - started
 
-    with db.Session() as s:
+    with db.SessionLocal() as s:
         usage_rows = s.scalar(select(func.count()).select_from(Usage).where(Usage.workspace_id == ws_id))
         unmapped = reprocess.count_unmapped(s, ws_id)
 

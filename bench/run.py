@@ -37,9 +37,10 @@ from sqlalchemy import func, select
 
 import config
 from bench import RESULTS, write_report
-from kana import db, keys, migrate
-from kana import queue as events_queue
+from kana import db, migrate
 from kana.broker import connect
+from kana.domain import keys
+from kana.ingest import spool
 from kana.models import Event, Feature
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,14 +117,14 @@ class Stack:
 
 
 def new_workspace() -> tuple[int, str]:
-    with db.Session.begin() as s:
+    with db.SessionLocal.begin() as s:
         ws, key = keys.create_workspace(s, f"bench-{uuid.uuid4().hex[:6]}")
         s.add(Feature(workspace_id=ws.id, id="messages", name="Messages", type="consumable"))
         return ws.id, key
 
 
 def stored(ws_id: int) -> int:
-    with db.Session() as s:
+    with db.SessionLocal() as s:
         return s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws_id))
 
 
@@ -151,7 +152,7 @@ def run_ours(settings, env, calls, workers: int) -> dict:
         ingest = time.perf_counter() - start
         # Redis first: counting a big events table every poll would load the
         # very PostgreSQL being measured. Depth 0 means every call committed.
-        while events_queue.depth(redis, settings.partitions) or stored(ws_id) < len(calls):
+        while spool.depth(redis, settings.partitions) or stored(ws_id) < len(calls):
             time.sleep(0.05)
         total = time.perf_counter() - start
         sampler.stop()

@@ -5,26 +5,25 @@ from __future__ import annotations
 from functools import partial
 
 from jobs import runtime
-from kana import processor
-from kana import queue as events_queue
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.ingest import processor, spool
 from kana.runtime import Runtime
 
 # A drain gives its worker back after this long so that, under sustained load,
 # every partition gets its turn.
 TIME_SLICE = 5.0
-PROCESSED_KEY = f"{events_queue.PREFIX}:stats:global"
+PROCESSED_KEY = f"{spool.PREFIX}:stats:global"
 
 
 def _apply(rt: Runtime, calls: list[dict]) -> None:
-    outcome = processor.process(Session, calls)
+    outcome = processor.process(SessionLocal, calls)
     rt.redis.hincrby(PROCESSED_KEY, "processed", outcome.applied)
 
 
 def drain(partition: int) -> dict:
     rt = runtime()
     settings = rt.settings
-    result = events_queue.drain(
+    result = spool.drain(
         rt.redis,
         partition,
         partial(_apply, rt),

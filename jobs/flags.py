@@ -7,16 +7,16 @@ from typing import Any
 from rq import Queue
 
 from jobs import runtime
-from kana import flags
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import flags
 
 
 def refresh(workspace_id: int | None = None) -> dict[str, Any]:
     """Refresh one workspace's flags, or every workspace's when none is given."""
     runtime()
     if workspace_id is None:
-        return {"workspaces": flags.refresh_all(Session)}
-    with Session.begin() as session:
+        return {"workspaces": flags.refresh_all(SessionLocal)}
+    with SessionLocal.begin() as session:
         return flags.refresh(session, workspace_id)
 
 

@@ -8,8 +8,8 @@ from redis import Redis
 from rq import Queue, get_current_job
 
 from jobs import runtime
-from kana import billing_import, csvio
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.imports import csvfile, customers
 
 # The uploaded file waits in Redis, which the web process and every worker
 # share (a local directory is not shared between machines); it is deleted once
@@ -33,9 +33,9 @@ def csv_import(import_id: int, actor: str | None = None) -> dict[str, Any]:
     rt = runtime()
     data = rt.redis.get(upload_key(import_id))
     if data is None:
-        return csvio.finish(Session, import_id, "failed",
+        return csvfile.finish(SessionLocal, import_id, "failed",
                             "The uploaded file is no longer available (it expires after a day); upload it again.")
-    result = csvio.run_import(Session, import_id, data, actor=actor,
+    result = csvfile.run_import(SessionLocal, import_id, data, actor=actor,
                               progress=lambda done, total: _report(done / total if total else 1.0))
     rt.redis.delete(upload_key(import_id))
     return result
@@ -45,7 +45,7 @@ def billing(workspace_id: int, provider: str) -> dict[str, int]:
     """Import a workspace's Stripe or Chargebee customers; the result counts created/updated/unchanged."""
     rt = runtime()
     # A listing has no total up front: progress stays 0 until done, "customers" says how far it got.
-    return billing_import.run(Session, workspace_id, provider, rt.settings,
+    return customers.run(SessionLocal, workspace_id, provider, rt.settings,
                               progress=lambda seen: _report(0.0, customers=seen))
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from jobs import runtime
-from kana import queue as events_queue
+from kana.ingest import spool
 
 
 def recover() -> dict:
     """Re-wake partitions whose events no live drain holds (a killed worker, a lost job)."""
     rt = runtime()
-    stranded = events_queue.stranded(rt.redis, rt.settings.partitions)
+    stranded = spool.stranded(rt.redis, rt.settings.partitions)
     if stranded:
         rt.wake(stranded, force=True)
     return {"woken": stranded}

@@ -7,8 +7,8 @@ import time
 from rq import get_current_job
 
 from jobs import runtime
-from kana import reprocess as retro
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import reprocess as retro
 
 # Progress is written to Redis at most this often (each chunk is ~0.1-0.5 s).
 PROGRESS_EVERY = 0.5
@@ -16,7 +16,7 @@ PROGRESS_EVERY = 0.5
 
 def reprocess(workspace_id: int) -> dict:
     """Reprocess the workspace's unmapped events; ``job.meta["progress"]`` goes 0 → 1."""
-    runtime()  # configures the engine and Session in this worker process
+    runtime()  # configures the engine and SessionLocal in this worker process
     job = get_current_job()
     last = 0.0
 
@@ -29,7 +29,7 @@ def reprocess(workspace_id: int) -> dict:
         job.meta.update(progress=state.fraction, **state.as_dict())
         job.save_meta()
 
-    state = retro.reprocess(Session, workspace_id, progress=report)
+    state = retro.reprocess(SessionLocal, workspace_id, progress=report)
     if job is not None:
         job.meta.update(progress=1.0, **state.as_dict())
         job.save_meta()

@@ -16,10 +16,10 @@ from typing import Any
 
 from flask import current_app, g, request
 
-from kana import keys
-from kana.db import Session, read_only
+from kana.db import SessionLocal, read_only
+from kana.domain import keys
+from kana.domain.keys import Principal
 from kana.errors import ApiError
-from kana.keys import Principal
 
 _cache: dict[str, tuple[float, Principal | None]] = {}
 _cache_lock = threading.Lock()
@@ -52,7 +52,7 @@ def principal_for(key: str) -> Principal | None:
         hit = _cache.get(key)
     if hit is not None and hit[0] > now:
         return hit[1]
-    with read_only(Session()) as session:
+    with read_only(SessionLocal()) as session:
         principal = keys.lookup(session, key)
     with _cache_lock:
         if len(_cache) > 10_000:

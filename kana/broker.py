@@ -8,7 +8,7 @@ from redis import Redis
 from rq import Queue
 
 from config import Settings
-from kana import queue as events_queue
+from kana.ingest import spool
 
 # Generous enough for a slow Redis, short enough that a request answers 503
 # (and Segment retries) instead of hanging when Redis is gone.
@@ -51,10 +51,10 @@ def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int], *, 
     """
     if force:
         for p in partitions:
-            redis.set(events_queue.wake_key(p), "1", ex=events_queue.WAKE_TTL)
+            redis.set(spool.wake_key(p), "1", ex=spool.WAKE_TTL)
         needed = list(partitions)
     else:
-        needed = events_queue.claim_wakeups(redis, partitions)
+        needed = spool.claim_wakeups(redis, partitions)
     return enqueue_drains(redis, settings, needed)
 
 
@@ -66,7 +66,7 @@ def enqueue_drains(redis: Redis, settings: Settings, partitions: list[int]) -> i
     q.enqueue_many(
         [
             Queue.prepare_data(
-                events_queue.DRAIN_JOB,
+                spool.DRAIN_JOB,
                 args=(p,),
                 timeout=max(600, int(settings.lock_ttl * 4)),
                 result_ttl=60,

@@ -1,7 +1,7 @@
 """The process's one engine and one sessionmaker.
 
 Entry points (a request, a job, a CLI command) own transactions:
-``with Session.begin() as session: ...``. Domain functions take a session.
+``with SessionLocal.begin() as session: ...``. Domain functions take a session.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session as SASession
 from sqlalchemy.orm import sessionmaker
 
-Session = sessionmaker(expire_on_commit=False)
+SessionLocal = sessionmaker(expire_on_commit=False)
 _engine: Engine | None = None
 _fork_hook = False
 
@@ -64,7 +64,7 @@ def make_engine(url: str, **kwargs) -> Engine:
 
 
 def configure(database_url: str) -> Engine:
-    """Create this process's engine (once per URL) and bind ``Session`` to it."""
+    """Create this process's engine (once per URL) and bind ``SessionLocal`` to it."""
     global _engine, _fork_hook
     if not _fork_hook:
         os.register_at_fork(after_in_child=_after_fork)
@@ -74,7 +74,7 @@ def configure(database_url: str) -> Engine:
     if _engine is not None:
         _engine.dispose()
     _engine = make_engine(database_url)
-    Session.configure(bind=_engine)
+    SessionLocal.configure(bind=_engine)
     return _engine
 
 

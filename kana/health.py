@@ -8,7 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from kana import metrics
-from kana.db import Session
+from kana.db import SessionLocal
 
 bp = Blueprint("health", __name__)
 
@@ -22,7 +22,7 @@ def healthz() -> tuple[Response, int]:
 
 def _check_database() -> str | None:
     try:
-        with Session() as session:
+        with SessionLocal() as session:
             session.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         return f"unreachable: {type(exc).__name__}"

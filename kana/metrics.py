@@ -24,11 +24,11 @@ from prometheus_client.registry import Collector
 from redis import Redis
 from redis.exceptions import RedisError
 
-from kana import queue as events_queue
-from kana.schemas import CALL_TYPES
+from kana.ingest import spool
+from kana.ingest.schemas import CALL_TYPES
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-GLOBAL_STATS_KEY = f"{events_queue.PREFIX}:stats:global"
+GLOBAL_STATS_KEY = f"{spool.PREFIX}:stats:global"
 
 REGISTRY = CollectorRegistry()
 
@@ -75,12 +75,12 @@ class QueueCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("kana_redis_up", "1 when the scrape could read the queue from Redis.")
         try:
-            depth = events_queue.depth(self.redis, self.partitions)
+            depth = spool.depth(self.redis, self.partitions)
             # A list's head is its oldest event, so the heads are all that needs reading.
             pipe = self.redis.pipeline(transaction=False)
             for p in range(self.partitions):
-                pipe.lindex(events_queue.queue_key(p), 0)
-                pipe.lindex(events_queue.inflight_key(p), 0)
+                pipe.lindex(spool.queue_key(p), 0)
+                pipe.lindex(spool.inflight_key(p), 0)
             pipe.hget(GLOBAL_STATS_KEY, "processed")
             *heads, processed = pipe.execute()
         except RedisError:

@@ -25,9 +25,10 @@ from werkzeug.serving import make_server
 import config
 import jobs
 from app import create_app
-from kana import auth, broker, keys, migrate
-from kana import queue as events_queue
-from kana.db import Session, get_engine
+from kana import auth, broker, migrate
+from kana.db import SessionLocal, get_engine
+from kana.domain import keys
+from kana.ingest import spool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +103,7 @@ def client(app, redis):
 @pytest.fixture
 def session(app) -> Iterator:
     """A session for domain-level tests; everything it did is rolled back."""
-    s = Session()
+    s = SessionLocal()
     try:
         yield s
     finally:
@@ -122,7 +123,7 @@ class WorkspaceInfo:
 
 
 def make_workspace(name: str = "test", billing_provider: str | None = None) -> WorkspaceInfo:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         ws, key = keys.create_workspace(s, name, billing_provider)
         _, ingest = keys.create_key(s, ws.id, "ingest")
         return WorkspaceInfo(ws.id, key, ingest)
@@ -146,7 +147,7 @@ def work(runtime, redis):
     def run() -> None:
         worker = SimpleWorker([runtime.queue], connection=runtime.redis)
         worker.work(burst=True)
-        assert events_queue.depth(runtime.redis, runtime.settings.partitions) == 0
+        assert spool.depth(runtime.redis, runtime.settings.partitions) == 0
 
     return run
 

@@ -13,9 +13,10 @@ from openapi_spec_validator import validate
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import func, select
 
-from kana import api, flags, identity, ledger
-from kana import queue as events_queue
-from kana.db import Session
+from kana.api import users as api
+from kana.db import SessionLocal
+from kana.domain import flags, identity, ledger
+from kana.ingest import spool
 from kana.models import ApiKey, Audit, DeadLetter, Event, Feature, Usage, User
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
@@ -25,18 +26,18 @@ T0 = datetime(2024, 3, 1, tzinfo=UTC)
 
 
 def make_user(ws_id: int, user_id: str | None = None, **fields) -> int:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         return identity.create_user(s, ws_id, user_id=user_id, **fields).kana_id
 
 
 def make_feature(ws_id: int, feature_id: str = "messages", kind: str = "consumable") -> None:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         s.add(Feature(workspace_id=ws_id, id=feature_id, name=feature_id.title(), type=kind))
 
 
 def add_usage(ws_id: int, kana_id: int, delta, at: datetime, feature_id: str = "messages", user_id: str = "u") -> int:
     """One mapped event and its ledger row, as the pipeline would store them."""
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         event = Event(
             workspace_id=ws_id, message_id=f"m-{uuid.uuid4().hex}", type="track", name="Used", user_id=user_id,
             kana_id=kana_id, timestamp=at, received_at=at, properties={"featureId": feature_id},
@@ -50,7 +51,7 @@ def add_usage(ws_id: int, kana_id: int, delta, at: datetime, feature_id: str = "
 
 
 def add_event(ws_id: int, kana_id: int | None, status: str, user_id: str = "u", kind: str = "track") -> int:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         event = Event(
             workspace_id=ws_id, message_id=f"m-{uuid.uuid4().hex}", type=kind, name="Something", user_id=user_id,
             kana_id=kana_id, timestamp=T0, received_at=T0, properties={}, status=status,
@@ -65,7 +66,7 @@ def add_dead_letter(ws_id: int, user_id: str = "dl-user", message_id: str | None
     message_id = message_id or f"dead-{uuid.uuid4().hex}"
     payload = {"ws": ws_id, "type": "track", "userId": user_id, "event": "Broke", "messageId": message_id,
                "properties": {}, "receivedAt": T0.isoformat(), "timestamp": T0.isoformat()}
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         row = DeadLetter(workspace_id=ws_id, message_id=message_id, user_id=user_id, payload=payload,
                          error="ValueError: boom", attempts=2)
         s.add(row)
@@ -74,7 +75,7 @@ def add_dead_letter(ws_id: int, user_id: str = "dl-user", message_id: str | None
 
 
 def count(model, ws_id: int, *where) -> int:
-    with Session() as s:
+    with SessionLocal() as s:
         return s.scalar(select(func.count()).select_from(model).where(model.workspace_id == ws_id, *where))
 
 
@@ -288,7 +289,7 @@ def test_list_users_filters(client, workspace):
     assert kana_ids("q=100%25") == []  # LIKE wildcards are literal
     # Flag filters read the refreshed flag set (SPEC §6), the one GET /flags counts.
     assert kana_ids("flag=missing_billing_id") == []
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         flags.refresh(s, workspace.id)
     assert kana_ids("flag=missing_billing_id") == [twin, nobody]
     assert kana_ids("flag=duplicate_email") == [ada, twin]
@@ -296,7 +297,7 @@ def test_list_users_filters(client, workspace):
     assert kana_ids("flag=any") == [ada, twin, nobody]
     late = make_user(workspace.id, "late")
     assert late not in kana_ids("flag=missing_billing_id")  # until the next refresh
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         flags.refresh(s, workspace.id)
     assert kana_ids("flag=missing_billing_id") == [twin, nobody, late]
 
@@ -327,7 +328,7 @@ def test_merge_users(client, workspace):
     assert count(User, workspace.id) == 1
     assert count(Usage, workspace.id, Usage.kana_id == first) == 1
     assert count(Event, workspace.id, Event.kana_id == first) == 2
-    with Session() as s:
+    with SessionLocal() as s:
         audit = s.scalars(select(Audit).where(Audit.workspace_id == workspace.id)).one()
     assert audit.action == "merge" and audit.trigger == "api" and audit.actor.startswith("api-key:")
     assert sorted(audit.kana_ids) == sorted([first, second, third])
@@ -402,7 +403,7 @@ def test_workspace_isolation(client, workspace, new_workspace):
     # A feature id is per workspace: B may have its own.
     assert post(client, other, "/api/v1/features", {"id": "secret-feature"}).status_code == 201
     # Keys too.
-    with Session() as s:
+    with SessionLocal() as s:
         a_key = s.scalars(select(ApiKey.id).where(ApiKey.workspace_id == workspace.id)).first()
     assert client.delete(f"/api/v1/keys/{a_key}", headers=other.headers).status_code == 404
     assert all(k["id"] != a_key for k in get(client, other, "/api/v1/keys").get_json()["keys"])
@@ -549,7 +550,7 @@ def test_delete_feature_with_usage_needs_force(client, workspace):
     assert resp.status_code == 409 and "force" in resp.get_json()["message"]
     assert client.delete("/api/v1/features/messages?force=true", headers=workspace.headers).status_code == 204
     assert count(Usage, workspace.id) == 0
-    with Session() as s:
+    with SessionLocal() as s:
         event = s.get(Event, event_id)
         assert event.status == "unmapped" and event.feature_id is None
 
@@ -587,7 +588,7 @@ def test_events_by_status_user_and_pages(client, workspace, work):
 
     # Events of a merged-away user follow it; its old id finds them.
     other = make_user(workspace.id, "someone-else")
-    with Session() as s:
+    with SessionLocal() as s:
         someone = identity.find_user(s, workspace.id, "someone").kana_id
     post(client, workspace, "/api/v1/users/merge", {"kana_ids": [someone, other]})
     assert ids("user_id=someone-else") == ["t3"]
@@ -623,8 +624,8 @@ def test_retry_dead_letter_requeues_it(client, workspace, runtime, work):
     # Received once already: a retry is pending work, not a new call.
     assert stats["events_received"] == received and stats["events_pending"] == 1
     assert count(DeadLetter, workspace.id) == 0
-    partition = events_queue.partition_of(workspace.id, "retry-user", runtime.settings.partitions)
-    queued = [json.loads(x) for x in runtime.redis.lrange(events_queue.queue_key(partition), 0, -1)]
+    partition = spool.partition_of(workspace.id, "retry-user", runtime.settings.partitions)
+    queued = [json.loads(x) for x in runtime.redis.lrange(spool.queue_key(partition), 0, -1)]
     assert [c["messageId"] for c in queued] == ["retry-me"] and queued[0]["ws"] == workspace.id
     work()
     assert count(Event, workspace.id, Event.message_id == "retry-me") == 1
@@ -637,7 +638,7 @@ def test_retry_keeps_the_row_when_redis_is_down(client, workspace, monkeypatch):
     def down(*args, **kwargs):
         raise RedisConnectionError("redis is gone")
 
-    monkeypatch.setattr(api.events_queue, "push", down)
+    monkeypatch.setattr(api.spool, "push", down)
     resp = post(client, workspace, f"/api/v1/events/failed/{dead}/retry")
     assert resp.status_code == 503 and resp.get_json()["code"] == "unavailable"
     assert count(DeadLetter, workspace.id) == 1

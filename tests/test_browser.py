@@ -16,9 +16,9 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from kana import identity
 from kana.dashboard import accounts
-from kana.db import Session, read_only
+from kana.db import SessionLocal, read_only
+from kana.domain import identity
 from kana.models import Audit, Event, User
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,7 +75,7 @@ class Operator:
 def operator(workspace) -> Operator:
     """A dashboard admin of a fresh workspace (one email per test: the database outlives tests)."""
     email = f"operator-{uuid.uuid4().hex[:8]}@acme.test"
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         accounts.create_admin(s, workspace.id, email, PASSWORD)
     return Operator(workspace.id, workspace.headers, email)
 
@@ -109,7 +109,7 @@ def log_in(page, operator: Operator, name: str | None = None) -> None:
 
 
 def make_user(ws_id: int, user_id: str | None, created_at: datetime, **fields) -> int:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         user = identity.create_user(s, ws_id, user_id=user_id, **fields)
         user.created_at = created_at
         return user.kana_id
@@ -129,7 +129,7 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
 
 
 def count_events(ws_id: int, status: str | None = None) -> int:
-    with read_only(Session()) as s:
+    with read_only(SessionLocal()) as s:
         stmt = select(func.count()).select_from(Event).where(Event.workspace_id == ws_id)
         if status:
             stmt = stmt.where(Event.status == status)
@@ -187,7 +187,7 @@ def test_login_boxes_refresh_and_merge_duplicates(page, operator, worker, live_s
     expect(page.locator('[data-field="billing_id"]')).to_contain_text("cus_DANA")
     expect(page.locator("#audit")).to_contain_text(f"dashboard:{operator.email}")
     shot(page, "user-after-merge")
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.get(User, ids["app"]) is None
         assert s.scalar(select(Audit).where(Audit.workspace_id == operator.id)).trigger == "dashboard"
 
@@ -201,7 +201,7 @@ def test_login_boxes_refresh_and_merge_duplicates(page, operator, worker, live_s
     expect(page.get_by_role("heading", name="Delete 1 user?")).to_be_visible()
     page.get_by_role("button", name="Delete permanently").click()
     expect(page.locator(".flash")).to_contain_text("Deleted 1 user")
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.get(User, ids["solo"]) is None
 
 
@@ -315,7 +315,7 @@ def test_scripts_in_user_data_never_run_and_forged_posts_fail(page, operator, wo
         headers: {{'Content-Type': 'application/x-www-form-urlencoded'}}, body: 'kana_id={victim}'}})
         .then(r => r.status)""")
     assert status == 400
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.get(User, victim) is not None
 
 
@@ -331,7 +331,7 @@ def test_tour_of_the_main_pages(page, operator, worker, live_server):
     requests.post(f"{live_server}/api/v1/features", json={"id": "seats", "name": "Seats", "type": "consumable"},
                   headers=operator.headers, timeout=10).raise_for_status()
     wait_for(lambda: count_events(operator.id, "mapped") == 7)
-    with Session() as s:
+    with SessionLocal() as s:
         dana = identity.find_user(s, operator.id, "dana-42").kana_id
     log_in(page, operator)
     shot(page, "overview-with-events")

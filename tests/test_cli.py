@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 import jobs
 from kana.cli import main as cli
-from kana.db import Session
+from kana.db import SessionLocal
 from kana.models import Event, Feature, Rule, Usage
 
 
@@ -41,20 +41,20 @@ def track(user_id: str, props: dict) -> dict:
 
 
 def usage_total(ws_id: int, feature_id: str) -> Decimal:
-    with Session() as s:
+    with SessionLocal() as s:
         total = s.scalar(select(func.coalesce(func.sum(Usage.delta), 0)).where(
             Usage.workspace_id == ws_id, Usage.feature_id == feature_id))
     return Decimal(str(total))
 
 
 def statuses(ws_id: int) -> dict[str, int]:
-    with Session() as s:
+    with SessionLocal() as s:
         return dict(s.execute(select(Event.status, func.count()).where(Event.workspace_id == ws_id)
                               .group_by(Event.status)).all())
 
 
 def stored_feature(ws_id: int, feature_id: str) -> Feature | None:
-    with Session() as s:
+    with SessionLocal() as s:
         return s.get(Feature, (ws_id, feature_id))
 
 
@@ -114,7 +114,7 @@ def test_rule_create_with_redis_down_is_saved_and_says_reprocessing_was_not_queu
                   REDIS_URL="redis://127.0.0.1:1/0")
     assert result.exit_code == 0, result.output
     assert "created" in result.output and "reprocessing was not queued" in result.output
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.scalar(select(func.count()).select_from(Rule).where(Rule.workspace_id == workspace.id)) == 1
 
 

@@ -9,11 +9,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import Session
 
-from kana import csvio, flags, identity
 from kana.cli import main as cli
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import flags, identity
+from kana.imports import csvfile
 from kana.models import Alias, Audit, CsvImport, User
 
 HEADER = "kana_id,user_id,name,email,billing_id,created_at"
@@ -25,7 +26,7 @@ def add(session, ws, *, user_id=None, email=None, billing_id=None, name=None, so
 
 
 def export(session, ws, **kw) -> str:
-    return "".join(csvio.export_lines(session, ws, **kw))
+    return "".join(csvfile.export_lines(session, ws, **kw))
 
 
 def rows_of(text: str) -> list[dict[str, str]]:
@@ -34,8 +35,8 @@ def rows_of(text: str) -> list[dict[str, str]]:
 
 def run(session, ws, text: str | bytes, provider=None):
     data = text.encode("utf-8") if isinstance(text, str) else text
-    parsed = csvio.parse(data)
-    return {r.line: r for r in csvio.apply_rows(session, ws, provider, parsed.rows(), actor="test").results}
+    parsed = csvfile.parse(data)
+    return {r.line: r for r in csvfile.apply_rows(session, ws, provider, parsed.rows(), actor="test").results}
 
 
 def users(session, ws) -> list[User]:
@@ -50,7 +51,7 @@ def test_export_columns_order_utf8_and_chunks(session, workspace):
     ws = workspace.id
     a = add(session, ws, user_id="u1", email="zoë@example.com", name="Zoë Ünïcode", billing_id="cus_1")
     b = add(session, ws, email="x@example.com")
-    pieces = list(csvio.export_lines(session, ws, chunk=1))
+    pieces = list(csvfile.export_lines(session, ws, chunk=1))
     assert pieces[0] == HEADER + "\r\n"
     assert len(pieces) == 3  # header + one piece per chunk: nothing is accumulated
     rows = rows_of("".join(pieces))
@@ -63,9 +64,9 @@ def test_export_columns_order_utf8_and_chunks(session, workspace):
 @pytest.mark.parametrize("value", ["=HYPERLINK(\"http://x\")", "+1", "-2+3", "@SUM(A1)", "\tTab", "\rCR",
                                    "'quoted", "''=x", "plain", "a=b"])
 def test_protect_roundtrips_and_defuses_formulas(value):
-    cell = csvio.protect(value)
+    cell = csvfile.protect(value)
     assert cell[0] not in "=+-@\t\r"
-    assert csvio.unprotect(cell) == value
+    assert csvfile.unprotect(cell) == value
 
 
 def test_export_is_formula_injection_safe(session, workspace):
@@ -109,15 +110,15 @@ def test_export_only_flagged_users(session, workspace):
     ],
 )
 def test_bad_files_are_refused_with_a_clear_message(data, message):
-    with pytest.raises(csvio.CsvError) as info:
-        csvio.parse(data)
+    with pytest.raises(csvfile.CsvError) as info:
+        csvfile.parse(data)
     assert message in info.value.message
 
 
 def test_size_limit_and_header_variants():
-    with pytest.raises(csvio.CsvError, match="limit is 1 MB"):
-        csvio.parse(b"user_id\n" + b"x\n" * (1024 * 1024), max_bytes=1024 * 1024)
-    parsed = csvio.parse("\ufeffUser ID,E-mail\r\nu1,a@example.com\r\n".encode())  # BOM, spreadsheet-style names
+    with pytest.raises(csvfile.CsvError, match="limit is 1 MB"):
+        csvfile.parse(b"user_id\n" + b"x\n" * (1024 * 1024), max_bytes=1024 * 1024)
+    parsed = csvfile.parse("\ufeffUser ID,E-mail\r\nu1,a@example.com\r\n".encode())  # BOM, spreadsheet-style names
     assert parsed.columns == ["user_id", "email"] and parsed.total == 1
 
 
@@ -243,11 +244,11 @@ def test_database_refusal_fails_only_that_row(session, workspace):
         if any(isinstance(o, User) and o.name == "refuse me" for o in [*sess.new, *sess.dirty]):
             raise IntegrityError("INSERT INTO users", {}, Exception("simulated constraint violation"))
 
-    event.listen(OrmSession, "before_flush", refuse)
+    event.listen(Session, "before_flush", refuse)
     try:
         results = run(session, workspace.id, "user_id,name\nu1,One\nu2,refuse me\nu3,Three\n")
     finally:
-        event.remove(OrmSession, "before_flush", refuse)
+        event.remove(Session, "before_flush", refuse)
     assert [results[n].status for n in (2, 3, 4)] == ["created", "failed", "created"]
     assert "simulated constraint violation" in results[3].errors["row"]
     assert {u.user_id for u in users(session, workspace.id)} == {"u1", "u3"}
@@ -286,7 +287,7 @@ def test_reimporting_a_file_that_created_and_merged_is_a_no_op(session, workspac
 
 def test_api_import_job_progress_and_report(client, workspace, work):
     ws = workspace.id
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         existing = add(s, ws, user_id="u0", name="Old")
     lines = [f"u{i},User {i},u{i}@example.com" for i in range(1, 2500)] + ["u0,New,", "bad,,nope"]
     data = ("user_id,name,email\n" + "\n".join(lines) + "\n").encode()
@@ -325,14 +326,14 @@ def test_api_refuses_bad_files_before_queueing(client, workspace):
     missing = client.post("/api/v1/imports/csv", headers=workspace.headers, data={},
                           content_type="multipart/form-data")
     assert missing.status_code == 400 and "file" in missing.get_json()["errors"]
-    huge = post(b"user_id\n" + b"u" * (csvio.MAX_BYTES + 10))
+    huge = post(b"user_id\n" + b"u" * (csvfile.MAX_BYTES + 10))
     assert huge.status_code == 413 and "50 MB" in huge.get_json()["message"]
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.scalar(select(CsvImport).where(CsvImport.workspace_id == workspace.id)) is None
 
 
 def test_api_export_streams_csv(client, workspace):
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         add(s, workspace.id, user_id="u1", name="=1+1")
         add(s, workspace.id, user_id="u2", billing_id="cus_2")
         flags.refresh(s, workspace.id)
@@ -351,7 +352,7 @@ def test_api_export_streams_csv(client, workspace):
 
 
 def test_cli_export_and_import_round_trip(settings, workspace, tmp_path):
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         add(s, workspace.id, user_id="u1", email="a@example.com")
     env = {"DATABASE_URL": settings.database_url}
     out = tmp_path / "users.csv"
@@ -372,18 +373,18 @@ def test_cli_export_and_import_round_trip(settings, workspace, tmp_path):
 def test_large_import_refreshes_planner_statistics_as_it_grows(workspace, monkeypatch):
     """On PostgreSQL a growing import ANALYZEs users (at 3 and 6 rows here); elsewhere it's skipped."""
     calls: list[bool] = []
-    real = csvio._refresh_statistics
+    real = csvfile._refresh_statistics
 
     def spy(sessions):
         calls.append(real(sessions))
         return calls[-1]
 
-    monkeypatch.setattr(csvio, "ANALYZE_AFTER", 3)
-    monkeypatch.setattr(csvio, "_refresh_statistics", spy)
-    with Session.begin() as s:
-        import_id = csvio.create_import(s, workspace.id, "grow.csv").id
+    monkeypatch.setattr(csvfile, "ANALYZE_AFTER", 3)
+    monkeypatch.setattr(csvfile, "_refresh_statistics", spy)
+    with SessionLocal.begin() as s:
+        import_id = csvfile.create_import(s, workspace.id, "grow.csv").id
     data = ("user_id\n" + "\n".join(f"g{i}" for i in range(8)) + "\n").encode()
-    summary = csvio.run_import(Session, import_id, data, chunk_size=2)
+    summary = csvfile.run_import(SessionLocal, import_id, data, chunk_size=2)
     assert summary["status"] == "finished" and summary["created"] == 8
-    postgres = Session().get_bind().dialect.name == "postgresql"
+    postgres = SessionLocal().get_bind().dialect.name == "postgresql"
     assert calls == ([True, True] if postgres else [False])

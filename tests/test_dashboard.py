@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from kana import flags, identity, rules
-from kana import queue as events_queue
 from kana.cli import main as cli
 from kana.dashboard import accounts, charts, timeline
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import flags, identity, rules
+from kana.ingest import spool
 from kana.models import ApiKey, Audit, DashboardAdmin, DeadLetter, Event, Feature, User, Workspace
 from tests.fakes import fake_stripe, worker_settings  # noqa: F401 - fixtures
 
@@ -50,7 +50,7 @@ class AdminInfo:
 
 
 def make_admin(workspace_id: int, email: str = "ops@acme.test", password: str = PASSWORD) -> None:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         accounts.create_admin(s, workspace_id, email, password)
 
 
@@ -84,7 +84,7 @@ def browser(client, admin):
 
 
 def make_user(ws_id: int, user_id: str | None = None, created_at: datetime | None = None, **fields) -> int:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         user = identity.create_user(s, ws_id, user_id=user_id, **fields)
         if created_at is not None:
             user.created_at = created_at
@@ -92,7 +92,7 @@ def make_user(ws_id: int, user_id: str | None = None, created_at: datetime | Non
 
 
 def exists(kana_id: int) -> bool:
-    with Session() as s:
+    with SessionLocal() as s:
         return s.get(User, kana_id) is not None
 
 
@@ -145,7 +145,7 @@ def test_login_logout_and_cookie_flags(client, admin):
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
     page = client.get("/dashboard/")
     assert page.status_code == 200 and admin.email in text(page)
-    with Session() as s:
+    with SessionLocal() as s:
         row = s.scalar(select(DashboardAdmin).where(DashboardAdmin.email == admin.email))
         assert row.last_login_at is not None
         assert row.password_hash.startswith("scrypt:") and PASSWORD not in row.password_hash
@@ -197,13 +197,13 @@ def test_one_email_in_two_workspaces_needs_the_workspace(client, workspace, new_
     assert resp.status_code == 400 and "workspace ID" in text(resp)
     resp = log_in(client, "shared@acme.test", workspace=other.id)
     assert resp.status_code == 302
-    with Session() as s:
+    with SessionLocal() as s:
         name = s.get(Workspace, other.id).name
     assert name in text(client.get("/dashboard/"))
 
 
 def test_changing_the_password_ends_sessions(client, browser, admin):
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         row = s.scalar(select(DashboardAdmin).where(DashboardAdmin.email == admin.email))
         accounts.set_password(s, row, "a brand new password")
     assert browser.get("/dashboard/").status_code == 302
@@ -227,7 +227,7 @@ def test_admin_cli(settings, workspace):
     assert prompted.exit_code == 0, prompted.output
     listed = runner.invoke(cli, ["admin", "list", "--workspace", str(workspace.id)], env=env)
     assert "cli@acme.test" in listed.output and "p@acme.test" in listed.output
-    with Session() as s:
+    with SessionLocal() as s:
         row = s.scalar(select(DashboardAdmin).where(DashboardAdmin.email == "cli@acme.test"))
         assert accounts.authenticate(s, "cli@acme.test", PASSWORD, workspace.id) is not None
         assert row.workspace_id == workspace.id
@@ -312,7 +312,7 @@ def test_an_admin_sees_and_changes_only_their_workspace(browser, admin, new_work
     theirs = make_user(other.id, "their-user", email="same@acme.test", name="Their User")
     theirs2 = make_user(other.id, "their-user-2", email="same@acme.test")
     mine = make_user(admin.workspace_id, "my-user", email="same@acme.test")
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         flags.refresh(s, other.id)
         their_key = s.scalar(select(ApiKey.id).where(ApiKey.workspace_id == other.id))
         s.add(Feature(workspace_id=other.id, id="secret-feature", name="Secret", type="consumable"))
@@ -335,7 +335,7 @@ def test_an_admin_sees_and_changes_only_their_workspace(browser, admin, new_work
     assert browser.get("/dashboard/features/secret-feature").status_code == 404
     assert "secret-feature" not in text(browser.get("/dashboard/features"))
     assert "m-theirs" not in text(browser.get("/dashboard/events/failed"))
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.get(ApiKey, their_key).revoked_at is None
         dead = s.scalar(select(DeadLetter.id).where(DeadLetter.message_id == "m-theirs"))
     assert post(browser, f"/dashboard/events/failed/{dead}/retry").status_code == 404
@@ -346,13 +346,13 @@ def test_an_admin_sees_and_changes_only_their_workspace(browser, admin, new_work
 def test_jobs_and_imports_of_another_workspace_are_not_found(browser, new_workspace, app):
     other = new_workspace("other")
     from jobs import flags as flag_jobs
-    from kana import csvio
+    from kana.imports import csvfile
 
     job_id = flag_jobs.enqueue_refresh(app.extensions["kana"].queue, other.id)
     assert browser.get(f"/dashboard/jobs/{job_id}.json").status_code == 404
     assert "Refreshing" not in text(browser.get(f"/dashboard/?job={job_id}"))
-    with Session.begin() as s:
-        import_id = csvio.create_import(s, other.id, "theirs.csv").id
+    with SessionLocal.begin() as s:
+        import_id = csvfile.create_import(s, other.id, "theirs.csv").id
     assert browser.get(f"/dashboard/csv/imports/{import_id}").status_code == 404
     assert browser.get(f"/dashboard/csv/imports/{import_id}.json").status_code == 404
 
@@ -415,7 +415,7 @@ def test_users_search_filter_and_keyset_pages(browser, admin):
     everywhere = text(browser.get("/dashboard/users?q=user-001&match=contains"))
     assert ">user-001<" in everywhere and "legacy-user-001" in everywhere
     assert 'id="exact-note"' in text(browser.get("/dashboard/users?q=NEEDLE@example.com"))
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         flags.refresh(s, ws)
     missing = text(browser.get("/dashboard/users?flag=missing_billing_id"))
     assert "user-059" in missing and "Stripe Person" not in missing
@@ -426,7 +426,7 @@ def test_duplicate_email_users_are_grouped_for_merging(browser, admin):
     a = make_user(ws, "a1", email="twin@acme.test", created_at=T0)
     b = make_user(ws, None, email="TWIN@acme.test", billing_id="cus_B", created_at=T0 + timedelta(days=1))
     make_user(ws, "solo", email="solo@acme.test")
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         flags.refresh(s, ws)
     page = text(browser.get("/dashboard/users?flag=duplicate_email"))
     assert 'data-email="twin@acme.test"' in page
@@ -447,7 +447,7 @@ def test_merge_preview_shows_the_survivor_and_changes_nothing(browser, admin):
     assert 'id="dropped"' not in body  # nothing of #new is lost (its user_id becomes the survivor's)
     # The preview ran the real merge and rolled it back.
     assert exists(old) and exists(new)
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.scalar(select(func.count()).select_from(Audit).where(Audit.workspace_id == ws)) == 0
 
 
@@ -494,7 +494,7 @@ def test_delete_asks_then_deletes_with_events(browser, admin, work):
     calls = [{"type": "track", "userId": "gone", "event": "Clicked"}]
     browser.post("/v1/batch", json={"batch": calls}, headers=admin.headers)
     work()
-    with Session() as s:
+    with SessionLocal() as s:
         kana_id = identity.find_user(s, ws, "gone").kana_id
     confirm = text(browser.get(f"/dashboard/users/delete?kana_id={kana_id}"))
     assert "Delete permanently" in confirm and "gone" in confirm
@@ -502,7 +502,7 @@ def test_delete_asks_then_deletes_with_events(browser, admin, work):
     resp = post(browser, "/dashboard/users/delete", {"kana_id": kana_id, "next": f"/dashboard/users/{kana_id}"})
     assert resp.status_code == 302 and resp.location.endswith("/dashboard/users")
     assert not exists(kana_id)
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws)) == 0
         audit = s.scalar(select(Audit).where(Audit.workspace_id == ws, Audit.action == "delete"))
         assert audit.trigger == "dashboard" and audit.kana_ids == [kana_id]
@@ -510,7 +510,7 @@ def test_delete_asks_then_deletes_with_events(browser, admin, work):
 
 def test_user_page_usage_chart_and_sessions(browser, admin, work):
     ws = admin.workspace_id
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         s.add(Feature(workspace_id=ws, id="exports", name="Exports", type="consumable"))
     now = datetime.now(UTC).replace(microsecond=0)
     stamps = [now - timedelta(hours=5), now - timedelta(hours=5) + timedelta(minutes=10),
@@ -520,7 +520,7 @@ def test_user_page_usage_chart_and_sessions(browser, admin, work):
                "properties": {"featureId": "exports", "delta": 2}} for t in stamps[1:]]
     assert browser.post("/v1/batch", json={"batch": calls}, headers=admin.headers).status_code == 200
     work()
-    with Session() as s:
+    with SessionLocal() as s:
         kana_id = identity.find_user(s, ws, "tl").kana_id
     page = text(browser.get(f"/dashboard/users/{kana_id}"))
     assert 'data-usage="exports">6<' in page
@@ -558,7 +558,7 @@ def test_rule_creation_reprocesses_stored_unmapped_events(browser, admin, work):
 
 
 def test_invalid_rule_is_shown_with_its_errors(browser, admin):
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         s.add(Feature(workspace_id=admin.workspace_id, id="f1", name="F1", type="consumable"))
     form = {"event": "X", "feature_id": "f1", "rows": "1", "cond-0-property": "amount",
             "cond-0-operator": "gt", "cond-0-value": "lots", "priority": "high"}
@@ -583,7 +583,7 @@ def test_feature_edit_and_delete(browser, admin):
 
 def test_dead_letter_retry_requeues_the_call(browser, admin, redis, runtime):
     ws = admin.workspace_id
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         row = DeadLetter(workspace_id=ws, message_id="m-dead", user_id="u-dead", error="billingId invalid",
                          payload={"type": "track", "userId": "u-dead", "messageId": "m-dead", "event": "E"})
         s.add(row)
@@ -593,9 +593,9 @@ def test_dead_letter_retry_requeues_the_call(browser, admin, redis, runtime):
     assert "billingId invalid" in page and "m-dead" in page
     resp = post(browser, f"/dashboard/events/failed/{dead_id}/retry")
     assert resp.status_code == 302
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.get(DeadLetter, dead_id) is None
-    assert events_queue.depth(redis, runtime.settings.partitions) == 1
+    assert spool.depth(redis, runtime.settings.partitions) == 1
 
 
 def test_keys_are_shown_once_listed_by_prefix_and_revocable(browser, admin):
@@ -607,7 +607,7 @@ def test_keys_are_shown_once_listed_by_prefix_and_revocable(browser, admin):
     assert plain not in listing and plain[:12] in listing and "Segment prod" in listing
     assert browser.post("/v1/track", json={"userId": "k", "event": "E"},
                         headers={"Authorization": f"Bearer {plain}"}).status_code == 200
-    with Session() as s:
+    with SessionLocal() as s:
         key_id = s.scalar(select(ApiKey.id).where(ApiKey.prefix == plain[:12]))
     assert "Revoke" in text(browser.get(f"/dashboard/keys/{key_id}/revoke"))
     assert post(browser, f"/dashboard/keys/{key_id}/revoke").status_code == 302
@@ -621,11 +621,11 @@ def test_settings_keep_secrets_write_only(browser, admin):
     assert resp.status_code == 302
     page = text(browser.get("/dashboard/settings"))
     assert "sk_test_secret123" not in page and "(set;" in page and "Acme Inc" in page
-    with Session() as s:
+    with SessionLocal() as s:
         ws = s.get(Workspace, admin.workspace_id)
         assert (ws.billing_provider, ws.stripe_api_key) == ("stripe", "sk_test_secret123")
     post(browser, "/dashboard/settings", {"name": "Acme Inc", "billing_provider": "stripe"})
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.get(Workspace, admin.workspace_id).stripe_api_key == "sk_test_secret123"  # blank keeps it
 
 
@@ -675,7 +675,7 @@ def test_csv_import_refuses_bad_files_at_once(browser):
 
 def test_csv_export_streams_the_flagged_users(browser, admin):
     make_user(admin.workspace_id, "=cmd|' /C calc'!A0", email="x@acme.test")
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         flags.refresh(s, admin.workspace_id)
     resp = browser.get("/dashboard/csv/export?flag=missing_billing_id")
     assert resp.headers["Content-Type"].startswith("text/csv")

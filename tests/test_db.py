@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from kana import db
-from kana.db import Session, read_only
+from kana.db import SessionLocal, read_only
 from kana.models import Workspace
 
 
@@ -18,10 +18,10 @@ def test_read_only_session_reads_while_a_writer_holds_the_lock(app, workspace):
     seen: list[int] = []
 
     def read() -> None:
-        with read_only(Session()) as s:
+        with read_only(SessionLocal()) as s:
             seen.append(s.scalar(select(func.count()).select_from(Workspace)))
 
-    with Session.begin() as writer:  # BEGIN IMMEDIATE: the write lock, held until the block ends
+    with SessionLocal.begin() as writer:  # BEGIN IMMEDIATE: the write lock, held until the block ends
         writer.execute(text("SELECT 1"))
         reader = threading.Thread(target=read)
         reader.start()

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from rq.cron import CronScheduler
 from sqlalchemy import select
 
-from kana import flags, identity
 from kana.cli import main as cli
-from kana.db import Session, get_engine
+from kana.db import SessionLocal, get_engine
+from kana.domain import flags, identity
 from kana.models import FlagRefresh, User, UserFlag
 
 
@@ -143,15 +143,15 @@ def _reader_counts(ws: int) -> tuple[int, int | None]:
 
 def test_refresh_is_atomic_for_readers(workspace):
     ws = workspace.id
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         for i in range(20):
             add(s, ws, user_id=f"u{i}")
         flags.refresh(s, ws)
     assert _reader_counts(ws) == (20, 20)
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         for user in s.scalars(select(User).where(User.workspace_id == ws)):
             user.billing_id = f"cus_{user.kana_id}"
-    s = Session()
+    s = SessionLocal()
     try:
         s.begin()
         assert flags.refresh(s, ws)["missing_billing_id"] == 0
@@ -165,17 +165,17 @@ def test_refresh_is_atomic_for_readers(workspace):
 
 def test_concurrent_refreshes_of_one_workspace_serialise(workspace):
     ws = workspace.id
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         for i in range(10):
             add(s, ws, user_id=f"u{i}", email="same@example.com")
     errors: list[BaseException] = []
-    first = Session()
+    first = SessionLocal()
     first.begin()
     flags.refresh(first, ws)
 
     def second() -> None:
         try:
-            with Session.begin() as s2:
+            with SessionLocal.begin() as s2:
                 flags.refresh(s2, ws)
         except BaseException as exc:  # noqa: BLE001 - reported to the test thread below
             errors.append(exc)
@@ -188,17 +188,17 @@ def test_concurrent_refreshes_of_one_workspace_serialise(workspace):
     first.close()
     thread.join(30)
     assert not thread.is_alive() and not errors
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.get(FlagRefresh, ws).duplicate_email == 10
 
 
 def test_refresh_all_covers_every_workspace(workspace, new_workspace):
     other = new_workspace("other")
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         add(s, workspace.id, user_id="a")
         add(s, other.id, user_id="a")
         add(s, other.id, user_id="b")
-    results = flags.refresh_all(Session)
+    results = flags.refresh_all(SessionLocal)
     assert results[workspace.id]["missing_billing_id"] == 1
     assert results[other.id]["missing_billing_id"] == 2
 
@@ -206,7 +206,7 @@ def test_refresh_all_covers_every_workspace(workspace, new_workspace):
 def test_api_flags_before_and_after_an_on_demand_refresh(client, workspace, work):
     body = client.get("/api/v1/flags", headers=workspace.headers).get_json()
     assert body["missing_billing_id"] == {"count": 0} and body["refreshed_at"] is None
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         a = add(s, workspace.id, user_id="a", email="dup@example.com")
         b = add(s, workspace.id, email="DUP@example.com", billing_id="cus_1")
     resp = client.post("/api/v1/flags/refresh", headers=workspace.headers)
@@ -239,16 +239,16 @@ def test_cron_registers_the_refresh_at_the_configured_interval(redis, monkeypatc
     jobs = {j.name: j for j in scheduler.get_jobs()}
     assert jobs["flags-refresh"].interval == 120
     assert jobs["flags-refresh"].func_name == "jobs.flags.refresh_all"
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         add(s, workspace.id, user_id="a")
     jobs["flags-refresh"].enqueue(redis)
     work()
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.get(FlagRefresh, workspace.id).missing_billing_id == 1
 
 
 def test_cli_flags_refresh(settings, workspace):
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         add(s, workspace.id, user_id="a")
     env = {"DATABASE_URL": settings.database_url}
     result = CliRunner().invoke(cli, ["flags", "refresh", "--workspace", str(workspace.id)], env=env)

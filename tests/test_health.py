@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import config
 from app import create_app
-from kana import queue as events_queue
+from kana.ingest import spool
 
 
 def sample(text: str, name: str, labels: str = "") -> float | None:
@@ -51,7 +51,7 @@ def test_metrics(client, workspace, redis, runtime):
     assert client.post("/v1/track", json={"userId": "u", "event": "E"}).status_code == 401
     # An event that has waited a minute, as the worker would see it at the head of a partition.
     old = (datetime.now(UTC) - timedelta(seconds=60)).isoformat()
-    redis.rpush(events_queue.inflight_key(0), json.dumps({"ws": 1, "userId": "x", "receivedAt": old}))
+    redis.rpush(spool.inflight_key(0), json.dumps({"ws": 1, "userId": "x", "receivedAt": old}))
     redis.hset("kana:stats:global", "processed", 41)
 
     res = client.get("/metrics")

@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
-from kana import identity
-from kana.identity import Directory, Traits
+from kana.domain import identity
+from kana.domain.identity import Directory, Traits
 from kana.models import Alias, Audit, Event, Usage, User
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -11,20 +11,20 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
-from kana import queue as events_queue
-from kana.db import Session, read_only
+from kana.db import SessionLocal, read_only
+from kana.ingest import spool
 from kana.models import DeadLetter, Event, Feature, Usage, User
 from tests.conftest import wait_until
 
 
 def add_feature(ws_id: int, feature_id: str = "messages") -> None:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         s.add(Feature(workspace_id=ws_id, id=feature_id, name=feature_id.title(), type="consumable"))
 
 
 def usage_total(ws_id: int, feature_id: str = "messages") -> Decimal:
     # Read-only: on SQLite these polls must not queue behind the workers' writes.
-    with read_only(Session()) as s:
+    with read_only(SessionLocal()) as s:
         return s.scalar(
             select(func.coalesce(func.sum(Usage.delta), 0)).where(
                 Usage.workspace_id == ws_id, Usage.feature_id == feature_id
@@ -33,7 +33,7 @@ def usage_total(ws_id: int, feature_id: str = "messages") -> Decimal:
 
 
 def count(model, ws_id: int) -> int:
-    with read_only(Session()) as s:
+    with read_only(SessionLocal()) as s:
         return s.scalar(select(func.count()).select_from(model).where(model.workspace_id == ws_id))
 
 
@@ -70,7 +70,7 @@ def test_unknown_feature_is_stored_unmapped_with_reason(client, workspace, work)
     post_batch(client, workspace, [track("u1", feature="nope"), {"type": "page", "userId": "u1", "name": "Home",
                                                                  "messageId": "p1"}])
     work()
-    with Session() as s:
+    with SessionLocal() as s:
         rows = {e.type: e for e in s.scalars(select(Event).where(Event.workspace_id == workspace.id))}
     assert rows["track"].status == "unmapped" and "nope" in rows["track"].reason
     assert rows["page"].status == "unmapped" and rows["page"].name == "Home"
@@ -93,7 +93,7 @@ def test_identify_group_alias_through_http(client, workspace, work):
     user = users[0]
     assert (user["user_id"], user["email"], user["name"], user["billing_id"]) == ("u1", "Ann@Example.com", "Ann",
                                                                                   "cus_Ann1")
-    with Session() as s:
+    with SessionLocal() as s:
         u = s.get(User, user["kana_id"])
         assert (u.group_id, u.group_name) == ("g1", "Acme")
         assert s.scalar(select(func.count()).select_from(Event).where(Event.kana_id == u.kana_id)) == 4
@@ -110,7 +110,7 @@ def test_gdpr_delete_call_removes_the_user(client, workspace, work):
     assert resp.status_code == 200
     work()
     assert count(User, workspace.id) == 0 and usage_total(workspace.id) == 0
-    with Session() as s:
+    with SessionLocal() as s:
         left = list(s.scalars(select(Event).where(Event.workspace_id == workspace.id)))
     assert [(e.type, e.user_id) for e in left] == [("delete", "")]
 
@@ -123,11 +123,11 @@ def test_poison_call_becomes_dead_letter_and_rest_commits(runtime, workspace, wo
     # A call that passed validation but breaks processing (as a bug or a bad
     # migration might): its delta is not a number.
     poison = dict(good[0], messageId="bad", properties={"featureId": "messages", "delta": "many"})
-    parts = events_queue.push(runtime.redis, good[:2] + [poison] + good[2:], runtime.settings.partitions)
+    parts = spool.push(runtime.redis, good[:2] + [poison] + good[2:], runtime.settings.partitions)
     runtime.enqueue_drains(parts)
     work()
     assert usage_total(workspace.id) == 5
-    with Session() as s:
+    with SessionLocal() as s:
         dead = s.scalars(select(DeadLetter).where(DeadLetter.workspace_id == workspace.id)).one()
     assert dead.message_id == "bad" and "delta" in dead.error
 
@@ -159,7 +159,7 @@ def test_segment_library_end_to_end(live_server, workspace, work):
     assert errors == []
     work()
     assert usage_total(workspace.id) == 3
-    with Session() as s:
+    with SessionLocal() as s:
         user = s.scalars(select(User).where(User.workspace_id == workspace.id)).one()
         types = sorted(s.scalars(select(Event.type).where(Event.kana_id == user.kana_id)))
     assert user.user_id == "lib-user-2" and user.email == "lib@example.com" and user.group_name == "Org One"
@@ -188,17 +188,17 @@ def test_worker_killed_mid_batch_loses_and_doubles_nothing(settings, client, wor
     from jobs import maintenance
 
     wait_until(lambda: (maintenance.recover() or True) and count(Event, workspace.id) == n
-               and events_queue.depth(runtime.redis, settings.partitions) == 0, timeout=120, interval=1)
+               and spool.depth(runtime.redis, settings.partitions) == 0, timeout=120, interval=1)
     assert usage_total(workspace.id) == n
 
 
 def test_concurrent_workers_never_duplicate_a_user_or_lose_a_merge(client, workspace, spawn_worker, runtime):
     # Unclaimed users (as a Stripe import makes), then interleaved identify calls
     # for the same userIds and emails processed by three workers at once.
-    from kana import identity
+    from kana.domain import identity
 
     emails = [f"person{i}@example.com" for i in range(30)]
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         for e in emails:
             identity.create_user(s, workspace.id, email=e, billing_id=None, source="stripe")
     calls = []
@@ -213,8 +213,8 @@ def test_concurrent_workers_never_duplicate_a_user_or_lose_a_merge(client, works
     procs = [spawn_worker("--burst") for _ in range(3)]
     for p in procs:
         p.wait(timeout=120)
-    wait_until(lambda: events_queue.depth(runtime.redis, runtime.settings.partitions) == 0, timeout=60)
-    with Session() as s:
+    wait_until(lambda: spool.depth(runtime.redis, runtime.settings.partitions) == 0, timeout=60)
+    with SessionLocal() as s:
         rows = list(s.scalars(select(User).where(User.workspace_id == workspace.id)))
         events = s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == workspace.id))
     user_ids = [u.user_id for u in rows if u.user_id]
@@ -240,7 +240,7 @@ def test_workspace_isolation_on_processing(client, workspace, new_workspace, wor
     work()
     assert usage_total(workspace.id) == 5 and usage_total(other.id) == 7
     resp = client.get("/api/v1/users?user_id=same-id", headers=other.headers).get_json()["users"]
-    with Session() as s:
+    with SessionLocal() as s:
         theirs = s.scalars(select(User).where(User.workspace_id == other.id)).one()
     assert [u["kana_id"] for u in resp] == [theirs.kana_id]
 

@@ -10,9 +10,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
 from jobs import maintenance
-from kana import processor
-from kana import queue as q
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.ingest import processor, spool
 from kana.models import Event, Feature, Usage
 
 NOW = "2026-11-23T00:00:00+00:00"
@@ -25,92 +24,92 @@ def call(ws: int, i: int, user: str = "u1") -> dict:
 
 @pytest.fixture
 def ws(workspace):
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         s.add(Feature(workspace_id=workspace.id, id="f", name="F", type="consumable"))
     return workspace.id
 
 
 def stored(ws: int) -> int:
-    with Session() as s:
+    with SessionLocal() as s:
         return s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws))
 
 
 def test_one_user_always_lands_in_one_partition():
-    parts = {q.partition_of(1, "user-1", 16) for _ in range(10)}
+    parts = {spool.partition_of(1, "user-1", 16) for _ in range(10)}
     assert len(parts) == 1
-    assert q.partition_of(1, "user-1", 16) != q.partition_of(2, "user-1", 16) or True
-    spread = {q.partition_of(1, f"user-{i}", 16) for i in range(200)}
+    assert spool.partition_of(1, "user-1", 16) != spool.partition_of(2, "user-1", 16) or True
+    spread = {spool.partition_of(1, f"user-{i}", 16) for i in range(200)}
     assert len(spread) == 16
 
 
 def test_drain_applies_in_order_and_acknowledges(redis, ws):
     seen: list[str] = []
-    q.push(redis, [call(ws, i) for i in range(25)], 4)
-    p = q.partition_of(ws, "u1", 4)
-    result = q.drain(redis, p, lambda evs: seen.extend(e["messageId"] for e in evs), batch_size=10, lock_ttl=5)
+    spool.push(redis, [call(ws, i) for i in range(25)], 4)
+    p = spool.partition_of(ws, "u1", 4)
+    result = spool.drain(redis, p, lambda evs: seen.extend(e["messageId"] for e in evs), batch_size=10, lock_ttl=5)
     assert seen == [f"m{i}" for i in range(25)]
     assert (result.chunks, result.events) == (3, 25)
-    assert redis.llen(q.queue_key(p)) == redis.llen(q.inflight_key(p)) == 0
-    assert not redis.exists(q.lock_key(p)) and not redis.exists(q.wake_key(p))
-    assert q.workspace_counters(redis, ws) == {"received": 25, "pending": 0}
+    assert redis.llen(spool.queue_key(p)) == redis.llen(spool.inflight_key(p)) == 0
+    assert not redis.exists(spool.lock_key(p)) and not redis.exists(spool.wake_key(p))
+    assert spool.workspace_counters(redis, ws) == {"received": 25, "pending": 0}
 
 
 def test_chunk_of_a_failed_drain_stays_inflight_and_is_applied_first(redis, ws):
-    q.push(redis, [call(ws, i) for i in range(10)], 4)
-    p = q.partition_of(ws, "u1", 4)
+    spool.push(redis, [call(ws, i) for i in range(10)], 4)
+    p = spool.partition_of(ws, "u1", 4)
 
     def boom(events):
         raise RuntimeError("worker died")
 
     with pytest.raises(RuntimeError):
-        q.drain(redis, p, boom, batch_size=4, lock_ttl=5)
-    assert redis.llen(q.inflight_key(p)) == 4 and redis.llen(q.queue_key(p)) == 6
-    q.push(redis, [call(ws, 10)], 4)
+        spool.drain(redis, p, boom, batch_size=4, lock_ttl=5)
+    assert redis.llen(spool.inflight_key(p)) == 4 and redis.llen(spool.queue_key(p)) == 6
+    spool.push(redis, [call(ws, 10)], 4)
     seen: list[str] = []
-    q.drain(redis, p, lambda evs: seen.extend(e["messageId"] for e in evs), batch_size=4, lock_ttl=5)
+    spool.drain(redis, p, lambda evs: seen.extend(e["messageId"] for e in evs), batch_size=4, lock_ttl=5)
     assert seen == [f"m{i}" for i in range(11)]
 
 
 def test_commit_then_crash_before_ack_is_not_doubled(redis, ws):
     """The chunk committed but the worker died before trimming it: re-applying is a no-op."""
-    q.push(redis, [call(ws, i) for i in range(6)], 4)
-    p = q.partition_of(ws, "u1", 4)
+    spool.push(redis, [call(ws, i) for i in range(6)], 4)
+    p = spool.partition_of(ws, "u1", 4)
 
     def commit_then_die(events):
-        processor.process(Session, events)
+        processor.process(SessionLocal, events)
         raise SystemExit("killed after commit")
 
     with pytest.raises(SystemExit):
-        q.drain(redis, p, commit_then_die, batch_size=6, lock_ttl=5)
-    q.drain(redis, p, lambda evs: processor.process(Session, evs), batch_size=6, lock_ttl=5)
+        spool.drain(redis, p, commit_then_die, batch_size=6, lock_ttl=5)
+    spool.drain(redis, p, lambda evs: processor.process(SessionLocal, evs), batch_size=6, lock_ttl=5)
     assert stored(ws) == 6
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.scalar(select(func.sum(Usage.delta)).where(Usage.workspace_id == ws)) == 6
 
 
 def test_holder_that_lost_its_lock_leaves_the_chunk_to_the_next(redis, ws):
-    q.push(redis, [call(ws, i) for i in range(3)], 4)
-    p = q.partition_of(ws, "u1", 4)
+    spool.push(redis, [call(ws, i) for i in range(3)], 4)
+    p = spool.partition_of(ws, "u1", 4)
 
     def stall(events):
-        redis.delete(q.lock_key(p))  # as if the TTL ran out mid-chunk
-        redis.set(q.lock_key(p), "someone-else", px=200)
+        redis.delete(spool.lock_key(p))  # as if the TTL ran out mid-chunk
+        redis.set(spool.lock_key(p), "someone-else", px=200)
 
-    with pytest.raises(q.LockLost):
-        q.drain(redis, p, stall, batch_size=3, lock_ttl=5)
-    assert redis.llen(q.inflight_key(p)) == 3
+    with pytest.raises(spool.LockLost):
+        spool.drain(redis, p, stall, batch_size=3, lock_ttl=5)
+    assert redis.llen(spool.inflight_key(p)) == 3
 
 
 def test_database_outage_keeps_the_chunk_queued(redis, ws):
-    q.push(redis, [call(ws, i) for i in range(5)], 4)
-    p = q.partition_of(ws, "u1", 4)
+    spool.push(redis, [call(ws, i) for i in range(5)], 4)
+    p = spool.partition_of(ws, "u1", 4)
     down = sessionmaker(bind=create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none",
                                            connect_args={"connect_timeout": 1}))
     with pytest.raises(OperationalError):
-        q.drain(redis, p, lambda evs: processor.process(down, evs), batch_size=5, lock_ttl=5)
-    assert redis.llen(q.inflight_key(p)) == 5
+        spool.drain(redis, p, lambda evs: processor.process(down, evs), batch_size=5, lock_ttl=5)
+    assert redis.llen(spool.inflight_key(p)) == 5
     assert stored(ws) == 0
-    q.drain(redis, p, lambda evs: processor.process(Session, evs), batch_size=5, lock_ttl=5)
+    spool.drain(redis, p, lambda evs: processor.process(SessionLocal, evs), batch_size=5, lock_ttl=5)
     assert stored(ws) == 5
 
 
@@ -124,7 +123,7 @@ def test_no_wakeup_is_lost_while_pushes_race_the_drain(redis, ws, runtime, work)
         i = 0
         while not stop.is_set() and i < 1500:
             batch = [call(ws, 100_000 + i + k, user=f"u{(i + k) % 7}") for k in range(5)]
-            runtime.enqueue_drains(q.push(redis, batch, parts))
+            runtime.enqueue_drains(spool.push(redis, batch, parts))
             pushed.extend(batch)
             i += 5
 
@@ -140,26 +139,26 @@ def test_no_wakeup_is_lost_while_pushes_race_the_drain(redis, ws, runtime, work)
 
 def test_push_raises_each_wake_flag_once(redis, ws):
     """Only the push that raised a partition's flag asks for a drain job."""
-    first = q.push(redis, [call(ws, i, user=f"w{i}") for i in range(12)], 4)
-    assert sorted(first) == sorted({q.partition_of(ws, f"w{i}", 4) for i in range(12)})
-    assert all(redis.exists(q.wake_key(p)) for p in first)
-    assert q.push(redis, [call(ws, 100 + i, user=f"w{i}") for i in range(12)], 4) == []
-    redis.delete(q.wake_key(first[0]))  # a drain found the queue empty and cleared it
-    assert q.push(redis, [call(ws, 200, user="w0"), call(ws, 201, user="w1")], 4) == (
-        [first[0]] if first[0] in {q.partition_of(ws, "w0", 4), q.partition_of(ws, "w1", 4)} else [])
-    assert q.push(redis, [], 4) == []
+    first = spool.push(redis, [call(ws, i, user=f"w{i}") for i in range(12)], 4)
+    assert sorted(first) == sorted({spool.partition_of(ws, f"w{i}", 4) for i in range(12)})
+    assert all(redis.exists(spool.wake_key(p)) for p in first)
+    assert spool.push(redis, [call(ws, 100 + i, user=f"w{i}") for i in range(12)], 4) == []
+    redis.delete(spool.wake_key(first[0]))  # a drain found the queue empty and cleared it
+    assert spool.push(redis, [call(ws, 200, user="w0"), call(ws, 201, user="w1")], 4) == (
+        [first[0]] if first[0] in {spool.partition_of(ws, "w0", 4), spool.partition_of(ws, "w1", 4)} else [])
+    assert spool.push(redis, [], 4) == []
 
 
 def test_recover_wakes_stranded_partitions_only(redis, ws, runtime, work):
     parts = runtime.settings.partitions
-    touched = set(q.push(redis, [call(ws, i, user=f"s{i}") for i in range(20)], parts))
+    touched = set(spool.push(redis, [call(ws, i, user=f"s{i}") for i in range(20)], parts))
     # Pushed without a wake-up (as if the enqueue after the push failed).
     assert len(runtime.queue) == 0
     locked = next(iter(touched))
-    redis.set(q.lock_key(locked), "live-holder", px=60_000)
+    redis.set(spool.lock_key(locked), "live-holder", px=60_000)
     woken = maintenance.recover()["woken"]
     assert sorted(woken) == sorted(touched - {locked})
-    redis.delete(q.lock_key(locked))
+    redis.delete(spool.lock_key(locked))
     maintenance.recover()
     work()
     assert stored(ws) == 20

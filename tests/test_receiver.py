@@ -12,9 +12,9 @@ import pytest
 
 import config
 from app import create_app
-from kana import keys
-from kana import queue as events_queue
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import keys
+from kana.ingest import spool
 
 TS = "2024-05-01T12:00:00+00:00"
 
@@ -26,7 +26,7 @@ def queued(redis, runtime) -> list[dict]:
     """Every event in the partition lists, in no particular partition order."""
     out: list[dict] = []
     for p in range(runtime.settings.partitions):
-        out += [json.loads(raw) for raw in redis.lrange(events_queue.queue_key(p), 0, -1)]
+        out += [json.loads(raw) for raw in redis.lrange(spool.queue_key(p), 0, -1)]
     return out
 
 
@@ -101,7 +101,7 @@ def test_missing_and_unknown_keys_are_401(client, workspace, redis):
 
 
 def test_revoked_key_is_401(client, workspace, redis):
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         principal = keys.lookup(s, workspace.ingest_key)
         assert keys.revoke_key(s, workspace.id, principal.key_id)
     res = client.post("/v1/track", json={"userId": "u1", "event": "E"},
@@ -668,10 +668,10 @@ def test_unsupported_type_is_501(client, workspace, redis):
 def test_accepted_calls_wake_a_drain_and_count_in_stats(client, workspace, redis, runtime):
     post(client, "/v1/batch", {"batch": [{"type": "track", "userId": f"u{i}", "event": "E"} for i in range(20)]},
          workspace)
-    counters = events_queue.workspace_counters(redis, workspace.id)
+    counters = spool.workspace_counters(redis, workspace.id)
     assert counters["received"] == 20 and counters["pending"] == 20
-    partitions = {events_queue.partition_of(workspace.id, f"u{i}", runtime.settings.partitions) for i in range(20)}
-    assert all(redis.exists(events_queue.wake_key(p)) for p in partitions)
+    partitions = {spool.partition_of(workspace.id, f"u{i}", runtime.settings.partitions) for i in range(20)}
+    assert all(redis.exists(spool.wake_key(p)) for p in partitions)
     assert runtime.queue.count == len(partitions)
 
 

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from kana import reprocess, rules, usage
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import reprocess, rules, usage
 from kana.models import Event, Feature, Rule, Usage, User
 
 # --- helpers ------------------------------------------------------------------------
@@ -28,12 +28,12 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
 
 
 def add_feature(ws_id: int, feature_id: str, kind: str = "consumable") -> None:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         s.add(Feature(workspace_id=ws_id, id=feature_id, name=feature_id.title(), type=kind))
 
 
 def add_rule(ws_id: int, **data) -> int:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         return rules.create_rule(s, ws_id, data).id
 
 
@@ -52,19 +52,19 @@ def track(user_id: str, event: str, props: dict | None = None, *, timestamp: str
 
 
 def usage_total(ws_id: int, feature_id: str) -> Decimal:
-    with Session() as s:
+    with SessionLocal() as s:
         total = s.scalar(select(func.coalesce(func.sum(Usage.delta), 0)).where(
             Usage.workspace_id == ws_id, Usage.feature_id == feature_id))
     return Decimal(str(total))
 
 
 def usage_rows(ws_id: int) -> int:
-    with Session() as s:
+    with SessionLocal() as s:
         return s.scalar(select(func.count()).select_from(Usage).where(Usage.workspace_id == ws_id))
 
 
 def events_by_status(ws_id: int) -> dict[str, int]:
-    with Session() as s:
+    with SessionLocal() as s:
         rows = s.execute(select(Event.status, func.count()).where(Event.workspace_id == ws_id)
                          .group_by(Event.status)).all()
     return dict(rows)
@@ -370,7 +370,7 @@ def test_disabled_rules_and_rules_of_deleted_features_do_not_apply(client, works
     add_feature(workspace.id, "gone")
     rid = add_rule(workspace.id, feature_id="exports", event="Export")
     add_rule(workspace.id, feature_id="gone", event="Import")
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         rules.update_rule(s, workspace.id, rid, {"enabled": False})
         s.delete(s.get(Feature, (workspace.id, "gone")))
     post_batch(client, workspace, [track("u1", "Export"), track("u1", "Import")])
@@ -442,7 +442,7 @@ def test_new_rule_reprocesses_stored_events_at_their_original_time(client, works
     assert job["status"] == "finished" and job["progress"] == 1
     assert job["result"] == {"scanned": 5, "mapped": 2}
     assert usage_total(workspace.id, "exports") == 15
-    with Session() as s:
+    with SessionLocal() as s:
         ats = sorted(u.at.isoformat() for u in s.scalars(select(Usage).where(Usage.workspace_id == workspace.id)))
         kana_id = s.scalar(select(User.kana_id).where(User.workspace_id == workspace.id, User.user_id == "u1"))
     assert ats == ["2025-03-01T10:15:00+00:00", "2025-03-03T23:59:00+00:00"]
@@ -456,9 +456,9 @@ def test_new_rule_reprocesses_stored_events_at_their_original_time(client, works
     assert Decimal(str(top["total"])) == 15 and [u["kana_id"] for u in top["users"]] == [kana_id]
 
     # Running it again changes nothing; the leftovers keep their reason.
-    with Session() as s:
+    with SessionLocal() as s:
         before = s.scalar(select(func.count()).select_from(Usage).where(Usage.workspace_id == workspace.id))
-    again = reprocess.reprocess(Session, workspace.id)
+    again = reprocess.reprocess(SessionLocal, workspace.id)
     assert (again.scanned, again.mapped) == (3, 0)
     assert usage_rows(workspace.id) == before == 2
     assert events_by_status(workspace.id) == {"mapped": 2, "unmapped": 3}
@@ -475,7 +475,7 @@ def test_creating_the_feature_maps_events_stored_with_an_unknown_feature_id(clie
     assert resp.status_code == 201 and resp.get_json()["job_id"]
     work()
     assert usage_total(workspace.id, "credits") == 4
-    with Session() as s:
+    with SessionLocal() as s:
         assert s.scalar(select(Usage.at).where(Usage.workspace_id == workspace.id)).isoformat() == \
             "2025-01-02T03:04:05+00:00"
 
@@ -502,7 +502,7 @@ def test_reprocessing_progress_and_chunks(client, workspace, work):
     add_rule(workspace.id, feature_id="exports", event="Export",
              conditions=[{"property": "n", "operator": "lt", "value": 50}])
     seen = []
-    state = reprocess.reprocess(Session, workspace.id, chunk=10,
+    state = reprocess.reprocess(SessionLocal, workspace.id, chunk=10,
                                 progress=lambda p: seen.append((p.scanned, p.fraction)))
     assert (state.total, state.scanned, state.mapped, state.chunks) == (95, 95, 50, 10)
     fractions = [f for _, f in seen]
@@ -538,7 +538,7 @@ def test_concurrent_reprocessing_runs_never_double_usage(client, workspace, work
 
     def run() -> None:
         try:
-            results.append(reprocess.reprocess(Session, workspace.id, chunk=25))
+            results.append(reprocess.reprocess(SessionLocal, workspace.id, chunk=25))
         except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
             failures.append(exc)
 
@@ -574,7 +574,7 @@ def test_reprocessing_with_live_traffic_and_workers_is_exact(app, client, worksp
 
     def extra_run() -> None:
         try:
-            reprocess.reprocess(Session, workspace.id, chunk=40)
+            reprocess.reprocess(SessionLocal, workspace.id, chunk=40)
         except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
             failures.append(exc)
 
@@ -600,30 +600,30 @@ def test_reprocessing_with_live_traffic_and_workers_is_exact(app, client, worksp
     assert usage_rows(workspace.id) == expected
     assert usage_total(workspace.id, "exports") == expected
     # No csv event was left behind by a chunk that mapped with the rules from before the change.
-    with Session() as s:
+    with SessionLocal() as s:
         left = [e.properties for e in s.scalars(select(Event).where(
             Event.workspace_id == workspace.id, Event.status == "unmapped"))]
     assert len(left) == total - expected and all(p["format"] == "pdf" for p in left)
-    assert reprocess.reprocess(Session, workspace.id).mapped == 0
+    assert reprocess.reprocess(SessionLocal, workspace.id).mapped == 0
 
 
 def test_a_rule_change_waits_for_chunks_mapping_with_the_old_rules(workspace):
     """The race a reprocessing job could otherwise lose: a drain chunk that loaded the rules
     before a change and commits after the job scanned past its events."""
-    from kana import processor
+    from kana.ingest import processor
 
     add_feature(workspace.id, "exports")
     now = "2026-01-01T00:00:00+00:00"
     call = {"ws": workspace.id, "type": "track", "userId": "u1", "event": "Export", "properties": {},
             "messageId": "in-flight", "timestamp": now, "receivedAt": now}
-    chunk = Session()
+    chunk = SessionLocal()
     chunk.begin()
     processor.apply(chunk, [call])  # mapped with no rules, not committed yet
     done = threading.Event()
 
     def change() -> None:
         add_rule(workspace.id, feature_id="exports", event="Export")
-        reprocess.reprocess(Session, workspace.id)
+        reprocess.reprocess(SessionLocal, workspace.id)
         done.set()
 
     thread = threading.Thread(target=change)

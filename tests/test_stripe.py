@@ -6,29 +6,29 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from kana import billing_import
 from kana.cli import main as cli
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.imports import customers
 from kana.models import User, Workspace
 from tests.fakes import fake_chargebee, fake_stripe, worker_settings  # noqa: F401 - fixtures
 
 
 def set_workspace(ws_id: int, **values) -> None:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         row = s.get(Workspace, ws_id)
         for key, value in values.items():
             setattr(row, key, value)
 
 
 def users(ws_id: int) -> list[User]:
-    with Session() as s:
+    with SessionLocal() as s:
         return list(s.scalars(select(User).where(User.workspace_id == ws_id).order_by(User.kana_id)))
 
 
 def run_stripe(settings, fake, ws_id: int) -> dict[str, int]:
     from dataclasses import replace
 
-    return billing_import.run(Session, ws_id, "stripe", replace(settings, stripe_api_base=fake.url))
+    return customers.run(SessionLocal, ws_id, "stripe", replace(settings, stripe_api_base=fake.url))
 
 
 def test_stripe_import_pages_through_customers_and_is_idempotent(settings, workspace, fake_stripe):  # noqa: F811
@@ -56,7 +56,7 @@ def test_stripe_updates_unclaimed_users_and_only_fills_blanks_of_claimed_ones(se
     unclaimed = fake_stripe.add("cus_U", email="old@example.com", name="Old")
     claimed = fake_stripe.add("cus_C", email="stripe@example.com", name="Stripe Name")
     run_stripe(settings, fake_stripe, workspace.id)
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         user = s.scalar(select(User).where(User.billing_id == "cus_C", User.workspace_id == workspace.id))
         user.user_id, user.email, user.email_key, user.name = "u1", "app@example.com", "app@example.com", None
     unclaimed.update(email="New@example.com", name="New")
@@ -72,7 +72,7 @@ def test_stripe_updates_unclaimed_users_and_only_fills_blanks_of_claimed_ones(se
 
 def test_stripe_bad_key_is_reported_clearly(settings, workspace, fake_stripe):  # noqa: F811
     set_workspace(workspace.id, stripe_api_key="sk_test_wrong")
-    with pytest.raises(billing_import.ImportFailed, match=r"Stripe rejected the API key \(HTTP 401\)"):
+    with pytest.raises(customers.ImportFailed, match=r"Stripe rejected the API key \(HTTP 401\)"):
         run_stripe(settings, fake_stripe, workspace.id)
 
 
@@ -89,7 +89,7 @@ def test_stripe_rate_limit_without_retry_advice_resumes_after_last_customer(fake
     for i in range(5):
         fake_stripe.add(f"cus_{i}")
     pauses: list[float] = []
-    listing = billing_import.stripe_customers(fake_stripe.api_key, api_base=fake_stripe.url, page_size=2,
+    listing = customers.stripe_customers(fake_stripe.api_key, api_base=fake_stripe.url, page_size=2,
                                               sleep=pauses.append)
     got = [next(listing).billing_id for _ in range(2)]
     fake_stripe.rate_limit, fake_stripe.should_retry = 1, False
@@ -97,14 +97,14 @@ def test_stripe_rate_limit_without_retry_advice_resumes_after_last_customer(fake
     assert got == [f"cus_{i}" for i in range(5)] and pauses == [2.0]
     assert fake_stripe.requests[2]["args"]["starting_after"] == "cus_1"
     fake_stripe.rate_limit = 100
-    with pytest.raises(billing_import.ImportFailed, match="kept rate-limiting"):
-        list(billing_import.stripe_customers(fake_stripe.api_key, api_base=fake_stripe.url, sleep=pauses.append,
+    with pytest.raises(customers.ImportFailed, match="kept rate-limiting"):
+        list(customers.stripe_customers(fake_stripe.api_key, api_base=fake_stripe.url, sleep=pauses.append,
                                              max_network_retries=0))
 
 
 def test_stripe_unreachable_is_reported(workspace):
-    with pytest.raises(billing_import.ImportFailed, match="Could not reach Stripe at http://127.0.0.1:9"):
-        list(billing_import.stripe_customers("sk_test_x", api_base="http://127.0.0.1:9", max_network_retries=0))
+    with pytest.raises(customers.ImportFailed, match="Could not reach Stripe at http://127.0.0.1:9"):
+        list(customers.stripe_customers("sk_test_x", api_base="http://127.0.0.1:9", max_network_retries=0))
 
 
 def test_api_stripe_import_job(client, workspace, work, fake_stripe):  # noqa: F811
@@ -179,5 +179,5 @@ def test_chargebee_import_pages_retries_429_and_is_idempotent(client, workspace,
 
 
 def test_chargebee_bad_key_is_reported_clearly(fake_chargebee):  # noqa: F811
-    with pytest.raises(billing_import.ImportFailed, match=r"Chargebee rejected the API key .* \(HTTP 401\)"):
-        list(billing_import.chargebee_customers("wrong", "acme-test", api_base=fake_chargebee.url))
+    with pytest.raises(customers.ImportFailed, match=r"Chargebee rejected the API key .* \(HTTP 401\)"):
+        list(customers.chargebee_customers("wrong", "acme-test", api_base=fake_chargebee.url))

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from kana.cli import main as cli
-from kana.db import Session
+from kana.db import SessionLocal
 from kana.models import Audit
 from tests.fakes import fake_stripe, worker_settings  # noqa: F401 - fixtures
 
@@ -128,7 +128,7 @@ def test_seed_workflow_end_to_end(client, workspace, work, fake_stripe):  # noqa
     work()
     (dup,) = get_users(client, ws, user_id="u-dup")
     assert dup["kana_id"] == imported["cus_dup1"]["kana_id"] and dup["name"] == "Dee Again"
-    with Session() as s:
+    with SessionLocal() as s:
         audit = s.scalar(select(Audit).where(Audit.workspace_id == ws.id, Audit.action == "merge"))
     assert audit.trigger == "csv" and audit.survivor_kana_id == dup["kana_id"]
 
@@ -153,6 +153,6 @@ def test_operator_merge_and_delete_from_the_cli(client, settings, workspace, wor
     result = runner.invoke(cli, ["users", "delete", "--workspace", str(ws.id), str(ids["c"])], env=env, input="y\n")
     assert result.exit_code == 0, result.output
     assert get_users(client, ws, user_id="c") == []
-    with Session() as s:
+    with SessionLocal() as s:
         actions = {(a.action, a.trigger) for a in s.scalars(select(Audit).where(Audit.workspace_id == ws.id))}
     assert {("merge", "cli"), ("delete", "cli")} <= actions

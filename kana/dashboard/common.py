@@ -14,9 +14,9 @@ from sqlalchemy import select
 from werkzeug.exceptions import HTTPException
 
 from kana.dashboard import bp, csrf
-from kana.db import Session, read_only
+from kana.db import SessionLocal, read_only
 from kana.models import DashboardAdmin, Workspace
-from kana.views import amount
+from kana.serializers import amount
 
 PUBLIC_ENDPOINTS = {"dashboard.login", "dashboard.static"}
 PAGE_SIZE = 50
@@ -62,7 +62,7 @@ def current_admin() -> Admin | None:
     admin_id, ws = session.get("admin_id"), session.get("ws")
     if not isinstance(admin_id, int) or not isinstance(ws, int):
         return None
-    with read_only(Session()) as s:
+    with read_only(SessionLocal()) as s:
         row = s.execute(
             select(DashboardAdmin, Workspace.name)
             .join(Workspace, Workspace.id == DashboardAdmin.workspace_id)

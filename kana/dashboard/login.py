@@ -8,7 +8,7 @@ from redis.exceptions import RedisError
 
 from kana.dashboard import accounts, bp
 from kana.dashboard.common import current_admin, log_in, runtime, safe_next
-from kana.db import Session
+from kana.db import SessionLocal
 
 
 def _form(error: str | None = None, status: int = 200, retry_after: int = 0) -> ResponseReturnValue:
@@ -45,7 +45,7 @@ def login() -> ResponseReturnValue:
         return _form(f"Too many login attempts. Try again in about {minutes} minute{'s' if minutes != 1 else ''}.",
                      429, verdict.retry_after)
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             admin = accounts.authenticate(s, email, password, workspace_id)
             if admin is not None:
                 log_in(admin)

@@ -11,10 +11,11 @@ from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 from werkzeug.datastructures import MultiDict
 
-from kana import api_rules, features, reprocess, rules
+from kana.api import rules as api_rules
 from kana.dashboard import bp
 from kana.dashboard.common import notice, runtime, ws
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import features, reprocess, rules
 from kana.models import Rule
 
 CONDITION_ROWS = 3  # blank condition rows offered by the form
@@ -48,7 +49,7 @@ def _job(job_id: str | None) -> dict[str, Any] | None:
 @bp.get("/features")
 def features_page() -> ResponseReturnValue:
     workspace_id = ws()
-    with Session() as s:
+    with SessionLocal() as s:
         rows = [(f, features.usage_count(s, workspace_id, f.id)) for f in features.list_features(s, workspace_id)]
     return render_template("dashboard/features.html", rows=rows, types=features.TYPES,
                            job=_job(request.args.get("job")), form={}, errors={})
@@ -59,12 +60,12 @@ def create_feature() -> ResponseReturnValue:
     workspace_id = ws()
     form = request.form
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             feature = features.create_feature(s, workspace_id, form.get("id", "").strip(),
                                               form.get("name", "").strip() or None, form.get("type", "consumable"))
             feature_id = feature.id
     except features.FeatureError as exc:
-        with Session() as s:
+        with SessionLocal() as s:
             rows = [(f, features.usage_count(s, workspace_id, f.id))
                     for f in features.list_features(s, workspace_id)]
         return render_template("dashboard/features.html", rows=rows, types=features.TYPES, job=None,
@@ -83,7 +84,7 @@ def _feature_or_404(session: Any, feature_id: str) -> Any:
 
 @bp.get("/features/<feature_id>")
 def feature_page(feature_id: str) -> ResponseReturnValue:
-    with Session() as s:
+    with SessionLocal() as s:
         feature = _feature_or_404(s, feature_id)
         used = features.usage_count(s, ws(), feature_id)
     return render_template("dashboard/feature.html", feature=feature, used=used, types=features.TYPES, errors={})
@@ -93,12 +94,12 @@ def feature_page(feature_id: str) -> ResponseReturnValue:
 def update_feature(feature_id: str) -> ResponseReturnValue:
     workspace_id = ws()
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             _feature_or_404(s, feature_id)
             features.update_feature(s, workspace_id, feature_id, name=request.form.get("name", ""),
                                     type=request.form.get("type"))
     except features.FeatureError as exc:
-        with Session() as s:
+        with SessionLocal() as s:
             feature = _feature_or_404(s, feature_id)
             used = features.usage_count(s, workspace_id, feature_id)
         return render_template("dashboard/feature.html", feature=feature, used=used, types=features.TYPES,
@@ -110,7 +111,7 @@ def update_feature(feature_id: str) -> ResponseReturnValue:
 @bp.post("/features/<feature_id>/delete")
 def delete_feature(feature_id: str) -> ResponseReturnValue:
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             _feature_or_404(s, feature_id)
             features.delete_feature(s, ws(), feature_id, force=bool(request.form.get("force")))
     except features.FeatureInUse as exc:
@@ -176,7 +177,7 @@ def _form_rows(rule: Rule | None) -> list[dict[str, str]]:
 
 def _rule_form(rule: Rule | None, form: MultiDict | None = None, errors: dict[str, list[str]] | None = None,
                status: int = 200) -> ResponseReturnValue:
-    with Session() as s:
+    with SessionLocal() as s:
         feature_ids = [f.id for f in features.list_features(s, ws())]
     if form is not None:
         n = _row_count(form)
@@ -198,7 +199,7 @@ def _rule_form(rule: Rule | None, form: MultiDict | None = None, errors: dict[st
 @bp.get("/rules")
 def rules_page() -> ResponseReturnValue:
     workspace_id = ws()
-    with Session() as s:
+    with SessionLocal() as s:
         rows = rules.list_rules(s, workspace_id)
         unmapped = reprocess.count_unmapped(s, workspace_id)
     return render_template("dashboard/rules.html", rows=rows, describe=describe, unmapped=unmapped,
@@ -216,7 +217,7 @@ def create_rule() -> ResponseReturnValue:
     if errors:
         return _rule_form(None, request.form, errors, 400)
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             rule_id = rules.create_rule(s, ws(), data).id
     except rules.RuleError as exc:
         return _rule_form(None, request.form, exc.errors, 400)
@@ -233,20 +234,20 @@ def _rule_or_404(session: Any, rule_id: int) -> Rule:
 
 @bp.get("/rules/<int:rule_id>")
 def edit_rule(rule_id: int) -> ResponseReturnValue:
-    with Session() as s:
+    with SessionLocal() as s:
         rule = _rule_or_404(s, rule_id)
     return _rule_form(rule)
 
 
 @bp.post("/rules/<int:rule_id>")
 def update_rule(rule_id: int) -> ResponseReturnValue:
-    with Session() as s:
+    with SessionLocal() as s:
         rule = _rule_or_404(s, rule_id)
     data, errors = rule_data(request.form)
     if errors:
         return _rule_form(rule, request.form, errors, 400)
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             rules.update_rule(s, ws(), rule_id, data)
     except rules.RuleError as exc:
         return _rule_form(rule, request.form, exc.errors, 400)
@@ -259,7 +260,7 @@ def update_rule(rule_id: int) -> ResponseReturnValue:
 @bp.post("/rules/<int:rule_id>/delete")
 def delete_rule(rule_id: int) -> ResponseReturnValue:
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             rules.delete_rule(s, ws(), rule_id)
     except rules.RuleNotFound:
         abort(404, description=f"No rule {rule_id} in this workspace.")

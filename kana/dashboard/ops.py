@@ -15,10 +15,13 @@ from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from jobs import imports as import_jobs
-from kana import auth, billing_import, csvio, flags, keys, processor
+from kana import auth
 from kana.dashboard import bp
 from kana.dashboard.common import PAGE_SIZE, actor, int_arg, notice, runtime, ws
-from kana.db import Session, read_only
+from kana.db import SessionLocal, read_only
+from kana.domain import flags, keys
+from kana.imports import csvfile, customers
+from kana.ingest import processor
 from kana.models import CsvImport, DeadLetter, Event, Workspace
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,9 @@ UNREACHABLE = "The job queue (Redis) is unreachable; try again shortly."
 
 @bp.get("/csv")
 def csv_page() -> ResponseReturnValue:
-    with Session() as s:
-        imports = csvio.recent_imports(s, ws(), limit=20)
-    return render_template("dashboard/csv.html", imports=imports, max_mb=csvio.MAX_BYTES // (1024 * 1024))
+    with SessionLocal() as s:
+        imports = csvfile.recent_imports(s, ws(), limit=20)
+    return render_template("dashboard/csv.html", imports=imports, max_mb=csvfile.MAX_BYTES // (1024 * 1024))
 
 
 @bp.get("/csv/export")
@@ -46,8 +49,8 @@ def csv_export() -> ResponseReturnValue:
 
     def generate() -> Iterator[str]:
         # Its own session: the body streams after the view has returned.
-        with Session() as s:
-            yield from csvio.export_lines(s, workspace_id, flag=flag)
+        with SessionLocal() as s:
+            yield from csvfile.export_lines(s, workspace_id, flag=flag)
 
     name = f"users-{flag}.csv" if flag else "users.csv"
     return Response(generate(), content_type="text/csv; charset=utf-8",
@@ -56,7 +59,7 @@ def csv_export() -> ResponseReturnValue:
 
 @bp.post("/csv/import")
 def csv_import() -> ResponseReturnValue:
-    limit = csvio.MAX_BYTES
+    limit = csvfile.MAX_BYTES
     too_big = f"The file is larger than {limit // (1024 * 1024)} MB; split it into smaller files."
     # Refuse before reading (and spooling) a body that can't be accepted anyway.
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
@@ -71,21 +74,21 @@ def csv_import() -> ResponseReturnValue:
         notice(too_big, "error")
         return redirect(url_for("dashboard.csv_page"))
     try:
-        csvio.parse(data)  # file-level problems are answered now, not found later by the job
-    except csvio.CsvError as exc:
+        csvfile.parse(data)  # file-level problems are answered now, not found later by the job
+    except csvfile.CsvError as exc:
         where = f" (line {exc.line})" if exc.line is not None else ""
         notice(f"{upload.filename}: {exc.message}{where}", "error")
         return redirect(url_for("dashboard.csv_page"))
     workspace_id = ws()
     job_id = f"csv-import-{uuid.uuid4().hex}"
-    with Session.begin() as s:
-        import_id = csvio.create_import(s, workspace_id, upload.filename, job_id).id
+    with SessionLocal.begin() as s:
+        import_id = csvfile.create_import(s, workspace_id, upload.filename, job_id).id
     rt = runtime()
     try:
         import_jobs.enqueue_csv(rt.queue, rt.redis, import_id, job_id, data, workspace_id=workspace_id,
                                 actor=actor())
     except RedisError:
-        csvio.finish(Session, import_id, "failed", "The job queue was unreachable; upload the file again.")
+        csvfile.finish(SessionLocal, import_id, "failed", "The job queue was unreachable; upload the file again.")
         notice(UNREACHABLE, "error")
     return redirect(url_for("dashboard.csv_import_page", import_id=import_id))
 
@@ -115,9 +118,9 @@ REPORT_ROWS_SHOWN = 200
 
 @bp.get("/csv/imports/<int:import_id>")
 def csv_import_page(import_id: int) -> ResponseReturnValue:
-    with Session() as s:
+    with SessionLocal() as s:
         imp = _import_or_404(s, import_id)
-        body = csvio.import_json(imp)
+        body = csvfile.import_json(imp)
     report = body["report"]
     # Failed rows are what the operator has to act on: they come first.
     shown = sorted(report, key=lambda r: (r.get("status") != "failed", r.get("line", 0)))[:REPORT_ROWS_SHOWN]
@@ -128,7 +131,7 @@ def csv_import_page(import_id: int) -> ResponseReturnValue:
 @bp.get("/csv/imports/<int:import_id>/report.csv")
 def csv_import_report(import_id: int) -> ResponseReturnValue:
     """The whole line-numbered report as CSV (line, status, kana_id, what happened)."""
-    with Session() as s:
+    with SessionLocal() as s:
         report = list(_import_or_404(s, import_id).report or [])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
@@ -136,15 +139,15 @@ def csv_import_report(import_id: int) -> ResponseReturnValue:
     for row in report:
         errors = "; ".join(f"{k}: {v}" for k, v in (row.get("errors") or {}).items())
         detail = errors or ", ".join(row.get("actions") or [])
-        writer.writerow((row.get("line"), row.get("status"), row.get("kana_id") or "", csvio.protect(detail)))
+        writer.writerow((row.get("line"), row.get("status"), row.get("kana_id") or "", csvfile.protect(detail)))
     return Response(buffer.getvalue(), content_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="import-{import_id}-report.csv"'})
 
 
 @bp.get("/csv/imports/<int:import_id>.json")
 def csv_import_json(import_id: int) -> ResponseReturnValue:
-    with read_only(Session()) as s:
-        body = csvio.import_json(_import_or_404(s, import_id), report=False)
+    with read_only(SessionLocal()) as s:
+        body = csvfile.import_json(_import_or_404(s, import_id), report=False)
     return jsonify({**body, "summary": import_summary(body),
                     "progress": 1.0 if body["status"] == "finished" else body["progress"]})
 
@@ -161,7 +164,7 @@ def events() -> ResponseReturnValue:
     stmt = select(Event).where(Event.workspace_id == ws(), Event.status == status)
     if before is not None:
         stmt = stmt.where(Event.id < before)
-    with Session() as s:
+    with SessionLocal() as s:
         rows = list(s.scalars(stmt.order_by(Event.id.desc()).limit(PAGE_SIZE + 1)))
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]
@@ -175,7 +178,7 @@ def dead_letters() -> ResponseReturnValue:
     stmt = select(DeadLetter).where(DeadLetter.workspace_id == ws())
     if before is not None:
         stmt = stmt.where(DeadLetter.id < before)
-    with Session() as s:
+    with SessionLocal() as s:
         rows = list(s.scalars(stmt.order_by(DeadLetter.id.desc()).limit(PAGE_SIZE + 1)))
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]
@@ -189,7 +192,7 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     workspace_id = ws()
     rt = runtime()
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             done = processor.requeue(s, rt.redis, rt.settings.partitions, workspace_id, dead_letter_id)
     except processor.NotRetryable as exc:
         notice(str(exc), "error")
@@ -214,7 +217,7 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
 
 @bp.get("/keys")
 def api_keys() -> ResponseReturnValue:
-    with Session() as s:
+    with SessionLocal() as s:
         rows = keys.list_keys(s, ws())
     return render_template("dashboard/keys.html", rows=rows, scopes=keys.SCOPES)
 
@@ -228,7 +231,7 @@ def create_key() -> ResponseReturnValue:
         return redirect(url_for("dashboard.api_keys"))
     if name and "\x00" in name:
         abort(400, description="The name must not contain NUL characters.")
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         row, plain = keys.create_key(s, ws(), scope, name=name)
     # Rendered, not redirected: the key is shown this once and never stored in clear.
     return render_template("dashboard/key_created.html", row=row, plain=plain)
@@ -243,14 +246,14 @@ def _key_or_404(session: Any, key_id: int) -> Any:
 
 @bp.get("/keys/<int:key_id>/revoke")
 def revoke_key_confirm(key_id: int) -> ResponseReturnValue:
-    with Session() as s:
+    with SessionLocal() as s:
         row = _key_or_404(s, key_id)
     return render_template("dashboard/key_revoke.html", row=row)
 
 
 @bp.post("/keys/<int:key_id>/revoke")
 def revoke_key(key_id: int) -> ResponseReturnValue:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         if not keys.revoke_key(s, ws(), key_id):
             abort(404, description=f"No API key {key_id} in this workspace.")
     auth.clear_cache()  # at once in this process, within the key cache TTL in others
@@ -265,7 +268,7 @@ def revoke_key(key_id: int) -> ResponseReturnValue:
 def settings_page() -> ResponseReturnValue:
     from kana.dashboard.overview import job_state
 
-    with Session() as s:
+    with SessionLocal() as s:
         workspace = s.get(Workspace, ws())
     job_id = request.args.get("job")
     return render_template("dashboard/settings.html", workspace=workspace, providers=keys.BILLING_PROVIDERS,
@@ -288,7 +291,7 @@ def save_settings() -> ResponseReturnValue:
     if name is None:
         notice("The workspace name must not be blank.", "error")
         return redirect(url_for("dashboard.settings_page"))
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         row = s.get(Workspace, ws())
         row.name = name
         row.billing_provider = provider
@@ -310,10 +313,10 @@ def save_settings() -> ResponseReturnValue:
 def billing_import_start(provider: str) -> ResponseReturnValue:
     rt = runtime()
     workspace_id = ws()
-    with Session() as s:
+    with SessionLocal() as s:
         try:
-            billing_import.credentials(s, workspace_id, provider, rt.settings)
-        except billing_import.ImportFailed as exc:
+            customers.credentials(s, workspace_id, provider, rt.settings)
+        except customers.ImportFailed as exc:
             notice(str(exc), "error")
             return redirect(url_for("dashboard.settings_page"))
     try:

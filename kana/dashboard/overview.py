@@ -1,4 +1,4 @@
-"""Overview: the two flag boxes, event counters, events per hour; background job progress."""
+"""Overview: the two flag boxes, event counters, events per hour; background job jobstate."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from flask import abort, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 from sqlalchemy import func, literal_column, select
-from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import Session
 
 from jobs import flags as flag_jobs
-from kana import flags, ledger, progress
-from kana import queue as events_queue
+from kana import jobstate
 from kana.dashboard import bp, charts
 from kana.dashboard.common import notice, runtime, ws
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import flags, ledger
+from kana.ingest import spool
 from kana.models import DeadLetter, Event, utcnow
 
 CHART_HOURS = 24
@@ -27,7 +28,7 @@ def _as_utc_hour(value: datetime | str) -> datetime:
     return ledger.floor(datetime.fromisoformat(value) if isinstance(value, str) else value, "hour")
 
 
-def events_per_hour(session: OrmSession, workspace_id: int, hours: int = CHART_HOURS) -> list[tuple[datetime, int]]:
+def events_per_hour(session: Session, workspace_id: int, hours: int = CHART_HOURS) -> list[tuple[datetime, int]]:
     """Events received per UTC hour over the last ``hours`` hours (zero-filled, oldest first).
 
     One grouped query on (workspace_id, received_at), an index range scan.
@@ -49,10 +50,10 @@ def events_per_hour(session: OrmSession, workspace_id: int, hours: int = CHART_H
     return [(b, counts.get(b, 0)) for b in ledger.buckets(start, end, "hour")]
 
 
-def event_stats(session: OrmSession, workspace_id: int) -> dict[str, int | None]:
+def event_stats(session: Session, workspace_id: int) -> dict[str, int | None]:
     """Received / processed / pending / failed, as ``GET /api/v1/stats`` counts them."""
     try:
-        counters: dict[str, int] | None = events_queue.workspace_counters(runtime().redis, workspace_id)
+        counters: dict[str, int] | None = spool.workspace_counters(runtime().redis, workspace_id)
     except RedisError:
         counters = None
     processed = session.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == workspace_id))
@@ -70,7 +71,7 @@ def event_stats(session: OrmSession, workspace_id: int) -> dict[str, int | None]
 @bp.get("/")
 def overview() -> ResponseReturnValue:
     workspace_id = ws()
-    with Session() as s:
+    with SessionLocal() as s:
         summary = flags.summary(s, workspace_id, groups_limit=5)
         stats = event_stats(s, workspace_id)
         hourly = events_per_hour(s, workspace_id)
@@ -101,13 +102,13 @@ def refresh_flags() -> ResponseReturnValue:
 def job_state(job_id: str) -> dict[str, Any] | None:
     """A job of this workspace as the progress panels show it; None when unknown or another's."""
     try:
-        job = progress.workspace_job(runtime().redis, job_id, ws())
+        job = jobstate.workspace_job(runtime().redis, job_id, ws())
     except RedisError:
         return {"id": job_id, "status": "unknown", "progress": 0.0, "meta": {},
                 "error": "The job queue (Redis) is unreachable."}
     if job is None:
         return None
-    state = progress.describe(job)
+    state = jobstate.describe(job)
     state["summary"] = job_summary(state)
     return state
 

@@ -8,12 +8,12 @@ from typing import Any
 from flask import abort, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy import Select, and_, func, or_, select
-from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import Session
 
-from kana import features, flags, identity, ledger
 from kana.dashboard import bp, charts, timeline
 from kana.dashboard.common import PAGE_SIZE, actor, int_arg, int_list, notice, safe_next, ws
-from kana.db import Session
+from kana.db import SessionLocal
+from kana.domain import features, flags, identity, ledger
 from kana.models import Audit, DeadLetter, Event, FlagRefresh, Usage, User, utcnow
 
 FLAG_LABELS = {
@@ -35,7 +35,7 @@ def _flag_arg() -> str | None:
     return flag
 
 
-def exact_condition(session: OrmSession, workspace_id: int, q: str) -> Any | None:
+def exact_condition(session: Session, workspace_id: int, q: str) -> Any | None:
     """Users whose user_id (or an alias of it) or email is exactly ``q``: index lookups, instant at any size."""
     needle = q.strip()
     conditions = [User.email_key == identity.email_key(needle)]
@@ -60,7 +60,7 @@ def contains_condition(q: str) -> Any:
     )
 
 
-def users_page(session: OrmSession, workspace_id: int, *, q: str = "", flag: str | None = None,
+def users_page(session: Session, workspace_id: int, *, q: str = "", flag: str | None = None,
                after: int | None = None, limit: int = PAGE_SIZE,
                match: str = "auto") -> tuple[list[User], int | None, str | None]:
     """Newest users first, ``limit`` at a time; keyset on kana_id so page 20,000 costs what page 1 does.
@@ -95,7 +95,7 @@ def users() -> ResponseReturnValue:
     q = request.args.get("q", "")[:200]
     flag = _flag_arg()
     grouped = flag == flags.DUPLICATE_EMAIL and not q.strip() and request.args.get("view") != "list"
-    with Session() as s:
+    with SessionLocal() as s:
         row = s.get(FlagRefresh, workspace_id) if flag else None
         refreshed = row.refreshed_at if row is not None else None
         if grouped:
@@ -118,7 +118,7 @@ def users() -> ResponseReturnValue:
                            refreshed_at=refreshed, used=used, match=match)
 
 
-def _user_or_404(session: OrmSession, workspace_id: int, kana_id: int) -> User:
+def _user_or_404(session: Session, workspace_id: int, kana_id: int) -> User:
     user = session.scalar(select(User).where(User.workspace_id == workspace_id, User.kana_id == kana_id))
     if user is None:
         abort(404, description=f"No user with kana_id {kana_id} in this workspace (deleted or merged away?).")
@@ -142,7 +142,7 @@ def user(kana_id: int) -> ResponseReturnValue:
     if window not in WINDOWS:
         window = "day"
     before = _timeline_cursor(request.args.get("before"))
-    with Session() as s:
+    with SessionLocal() as s:
         person = _user_or_404(s, workspace_id, kana_id)
         aliases = identity.aliases_of(s, workspace_id, kana_id)
         names = {f.id: f for f in features.list_features(s, workspace_id)}
@@ -183,7 +183,7 @@ def user(kana_id: int) -> ResponseReturnValue:
 # --- merge and delete ---------------------------------------------------------------------
 
 
-def _selected(session: OrmSession, workspace_id: int, ids: list[int]) -> list[User]:
+def _selected(session: Session, workspace_id: int, ids: list[int]) -> list[User]:
     found = list(session.scalars(
         select(User).where(User.workspace_id == workspace_id, User.kana_id.in_(ids))
         .order_by(User.created_at, User.kana_id)))
@@ -194,7 +194,7 @@ def _selected(session: OrmSession, workspace_id: int, ids: list[int]) -> list[Us
     return found
 
 
-def _counts(session: OrmSession, workspace_id: int, ids: list[int]) -> dict[int, dict[str, int]]:
+def _counts(session: Session, workspace_id: int, ids: list[int]) -> dict[int, dict[str, int]]:
     out = {i: {"events": 0, "usage": 0} for i in ids}
     for model, key in ((Event, "events"), (Usage, "usage")):
         rows = session.execute(select(model.kana_id, func.count()).where(
@@ -224,7 +224,7 @@ def merge_preview() -> ResponseReturnValue:
     if len(ids) < 2:
         notice("Select at least two users to merge.", "error")
         return _back_to_list()
-    with Session() as s:
+    with SessionLocal() as s:
         try:
             users_ = _selected(s, workspace_id, ids)
             before = [(u.kana_id, _values(u), u.created_at) for u in users_]
@@ -261,7 +261,7 @@ def merge() -> ResponseReturnValue:
     if len(ids) < 2:
         notice("Select at least two users to merge.", "error")
         return _back_to_list()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         users_ = _selected(s, workspace_id, ids)
         try:
             survivor = identity.merge(s, workspace_id, users_, trigger="dashboard", actor=actor())
@@ -283,7 +283,7 @@ def delete_confirm() -> ResponseReturnValue:
     if not ids:
         notice("Select the users to delete.", "error")
         return _back_to_list()
-    with Session() as s:
+    with SessionLocal() as s:
         users_ = _selected(s, workspace_id, ids)
         counts = _counts(s, workspace_id, ids)
     return render_template("dashboard/delete.html", users=users_, counts=counts,
@@ -297,7 +297,7 @@ def delete() -> ResponseReturnValue:
     if not ids:
         notice("Select the users to delete.", "error")
         return _back_to_list()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         _selected(s, workspace_id, ids)
         deleted = identity.delete_users(s, workspace_id, ids, trigger="dashboard", actor=actor())
     notice(f"Deleted {deleted} user{'s' if deleted != 1 else ''} with their events and usage.")
@@ -318,7 +318,7 @@ def audit() -> ResponseReturnValue:
     stmt = select(Audit).where(Audit.workspace_id == workspace_id)
     if before is not None:
         stmt = stmt.where(Audit.id < before)
-    with Session() as s:
+    with SessionLocal() as s:
         rows = list(s.scalars(stmt.order_by(Audit.id.desc()).limit(PAGE_SIZE + 1)))
     more = len(rows) > PAGE_SIZE
     rows = rows[:PAGE_SIZE]

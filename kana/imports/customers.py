@@ -25,8 +25,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from kana import db, identity
-from kana.billing import check_billing_id
+from kana import db
+from kana.domain import identity
+from kana.domain.billing import check_billing_id
 from kana.models import User, Workspace
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from decimal import Decimal, InvalidOperation
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kana.domain.rules import NO_RULE_MATCHED, CompiledRule, match
 from kana.models import Event, Feature, Usage
-from kana.rules import NO_RULE_MATCHED, CompiledRule, match
 
 MAPPABLE = ("track", "page", "screen")
 

@@ -37,11 +37,12 @@ def _secret(data_dir: Path) -> str:
 def _dev_key(settings: Settings) -> str:
     from sqlalchemy import select
 
-    from kana import db, keys
+    from kana import db
+    from kana.domain import keys
     from kana.models import Workspace
 
     db.configure(settings.database_url)
-    with db.Session.begin() as s:
+    with db.SessionLocal.begin() as s:
         ws = s.scalar(select(Workspace).where(Workspace.name == "dev").order_by(Workspace.id))
         if ws is None:
             _, key = keys.create_workspace(s, "dev")

@@ -22,7 +22,7 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
 
-from kana.billing import check_billing_id
+from kana.domain.billing import check_billing_id
 
 CALL_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
 

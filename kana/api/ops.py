@@ -19,9 +19,11 @@ from sqlalchemy import select
 
 from jobs import flags as flag_jobs
 from jobs import imports as import_jobs
-from kana import auth, billing_import, csvio, flags
-from kana.db import Session, read_only
+from kana import auth
+from kana.db import SessionLocal, read_only
+from kana.domain import flags
 from kana.errors import ApiError, unavailable
+from kana.imports import csvfile, customers
 from kana.models import CsvImport
 
 bp = Blueprint("ops_api", __name__, url_prefix="/api/v1")
@@ -64,7 +66,7 @@ def _flag_arg() -> str | None:
 @bp.get("/flags")
 def get_flags() -> ResponseReturnValue:
     limit = _int_arg("groups_limit", flags.GROUPS_LIMIT, 1, flags.MAX_GROUPS_LIMIT)
-    with Session() as s:
+    with SessionLocal() as s:
         body = flags.summary(s, auth.workspace_id(), groups_limit=limit,
                              after=request.args.get("groups_cursor") or None)
     return jsonify(body)
@@ -89,8 +91,8 @@ def export_users() -> ResponseReturnValue:
 
     def generate() -> Iterator[str]:
         # Its own session: the response body is produced after this view returns.
-        with Session() as s:
-            yield from csvio.export_lines(s, workspace_id, flag=flag)
+        with SessionLocal() as s:
+            yield from csvfile.export_lines(s, workspace_id, flag=flag)
 
     name = f"users-{flag}.csv" if flag else "users.csv"
     return Response(generate(), mimetype="text/csv", content_type="text/csv; charset=utf-8",
@@ -98,7 +100,7 @@ def export_users() -> ResponseReturnValue:
 
 
 def _upload() -> tuple[str | None, bytes]:
-    limit = csvio.MAX_BYTES
+    limit = csvfile.MAX_BYTES
     too_big = ApiError(413, "file_too_large", f"The file is larger than {limit // (1024 * 1024)} MB; "
                        "split it into smaller files.", errors={"file": "Too large."})
     # Refuse before reading (and spooling) a body that can't be accepted anyway.
@@ -118,22 +120,22 @@ def _upload() -> tuple[str | None, bytes]:
 def import_csv() -> ResponseReturnValue:
     filename, data = _upload()
     try:
-        csvio.parse(data)  # file-level problems are answered now, not found later by a job
-    except csvio.CsvError as exc:
+        csvfile.parse(data)  # file-level problems are answered now, not found later by a job
+    except csvfile.CsvError as exc:
         errors: dict[str, Any] = {"file": exc.message}
         if exc.line is not None:
             errors["line"] = exc.line
         raise ApiError(400, "invalid_csv", exc.message, errors=errors) from None
     workspace_id = auth.workspace_id()
     job_id = f"csv-import-{uuid.uuid4().hex}"
-    with Session.begin() as s:
-        import_id = csvio.create_import(s, workspace_id, filename, job_id).id
+    with SessionLocal.begin() as s:
+        import_id = csvfile.create_import(s, workspace_id, filename, job_id).id
     rt = _runtime()
     try:
         import_jobs.enqueue_csv(rt.queue, rt.redis, import_id, job_id, data, workspace_id=workspace_id,
                                 actor=auth.actor())
     except RedisError as exc:
-        csvio.finish(Session, import_id, "failed", "The job queue was unreachable; upload the file again.")
+        csvfile.finish(SessionLocal, import_id, "failed", "The job queue was unreachable; upload the file again.")
         raise unavailable(exc) from None
     return jsonify({"job_id": job_id, "import_id": import_id}), 202
 
@@ -141,20 +143,20 @@ def import_csv() -> ResponseReturnValue:
 @bp.get("/imports/csv")
 def list_csv_imports() -> ResponseReturnValue:
     limit = _int_arg("limit", 20, 1, 100)
-    with Session() as s:
-        recent = csvio.recent_imports(s, auth.workspace_id(), limit)
-        body = {"imports": [csvio.import_json(i, report=False) for i in recent]}
+    with SessionLocal() as s:
+        recent = csvfile.recent_imports(s, auth.workspace_id(), limit)
+        body = {"imports": [csvfile.import_json(i, report=False) for i in recent]}
     return jsonify(body)
 
 
 @bp.get("/imports/csv/<int:import_id>")
 def get_csv_import(import_id: int) -> ResponseReturnValue:
-    with read_only(Session()) as s:
+    with read_only(SessionLocal()) as s:
         imp = s.scalar(select(CsvImport).where(CsvImport.id == import_id,
                                                CsvImport.workspace_id == auth.workspace_id()))
         if imp is None:
             raise ApiError(404, "not_found", f"No CSV import {import_id} in this workspace.")
-        body = csvio.import_json(imp)
+        body = csvfile.import_json(imp)
     return jsonify(body)
 
 
@@ -164,10 +166,10 @@ def get_csv_import(import_id: int) -> ResponseReturnValue:
 def _billing_import(provider: str) -> ResponseReturnValue:
     rt = _runtime()
     workspace_id = auth.workspace_id()
-    with Session() as s:
+    with SessionLocal() as s:
         try:
-            billing_import.credentials(s, workspace_id, provider, rt.settings)
-        except billing_import.ImportFailed as exc:
+            customers.credentials(s, workspace_id, provider, rt.settings)
+        except customers.ImportFailed as exc:
             raise ApiError(400, "not_configured", str(exc)) from None
     try:
         job_id = import_jobs.enqueue_billing(rt.queue, workspace_id, provider)

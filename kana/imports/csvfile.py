@@ -31,8 +31,9 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError, Programm
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from kana import db, flags, identity
-from kana.billing import check_billing_id, provider_of
+from kana import db
+from kana.domain import flags, identity
+from kana.domain.billing import check_billing_id, provider_of
 from kana.models import CsvImport, User, Workspace, utcnow
 
 log = logging.getLogger(__name__)

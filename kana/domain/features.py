@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kana import rules
+from kana.domain import rules
 from kana.models import Event, Feature, Usage
 
 # What ``properties.featureId`` names: lower-case, URL- and CSV-safe.

@@ -16,7 +16,10 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields
 
-from kana import api, api_ops, api_rules, features, ledger
+from kana.api import ops as api_ops
+from kana.api import rules as api_rules
+from kana.api import users as api
+from kana.domain import features, ledger
 
 PREFIX = api.bp.url_prefix or ""
 INT_PARAMS = {"kana_id", "dead_letter_id", "key_id"}

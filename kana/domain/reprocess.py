@@ -44,7 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from kana import rules, usage
+from kana.domain import rules, usage
 from kana.models import Event, Usage, utcnow
 
 log = logging.getLogger(__name__)

@@ -45,11 +45,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from kana import metrics
-from kana import queue as events_queue
 from kana.auth import authenticate
+from kana.domain.keys import Principal
 from kana.errors import ApiError
-from kana.keys import Principal
-from kana.schemas import (
+from kana.ingest import spool
+from kana.ingest.schemas import (
     BATCH,
     CALL_TYPES,
     SCHEMAS,
@@ -291,7 +291,7 @@ def _normalize(call: Any, url_type: str | None, req: _Request) -> dict:
 def _enqueue(events: list[dict]) -> None:
     runtime = current_app.extensions["kana"]
     try:
-        runtime.enqueue_drains(events_queue.push(runtime.redis, events, runtime.settings.partitions))
+        runtime.enqueue_drains(spool.push(runtime.redis, events, runtime.settings.partitions))
     except (RedisError, OSError):
         # OSError: the embedded Redis server could not be reached or started.
         metrics.count_rejected("unavailable", len(events))

@@ -20,9 +20,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from kana import db, identity, rules, usage
-from kana import queue as events_queue
-from kana.billing import provider_of
+from kana import db
+from kana.domain import identity, rules, usage
+from kana.domain.billing import provider_of
+from kana.ingest import spool
 from kana.models import DeadLetter, Event, User, Workspace
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def requeue(session: Session, redis: Redis, partitions: int, workspace_id: int, 
     payload["ws"] = workspace_id
     session.delete(row)
     session.flush()
-    return Requeued(row.message_id, events_queue.push(redis, [payload], partitions, requeue=True))
+    return Requeued(row.message_id, spool.push(redis, [payload], partitions, requeue=True))
 
 
 def _disconnected(exc: DBAPIError) -> bool:

@@ -18,7 +18,7 @@ def _session():  # noqa: ANN202
     from kana import db
 
     db.configure(_settings().database_url)
-    return db.Session
+    return db.SessionLocal
 
 
 @click.group()
@@ -59,7 +59,7 @@ def workspace() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print {workspace_id, api_key} as JSON.")
 def workspace_create(name: str, billing_provider: str | None, as_json: bool) -> None:
     """Create a workspace and print its admin API key (shown once)."""
-    from kana import keys
+    from kana.domain import keys
 
     with _session().begin() as s:
         ws, key = keys.create_workspace(s, name, billing_provider)
@@ -82,7 +82,7 @@ def key() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -> None:
     """Create an API key (printed once)."""
-    from kana import keys
+    from kana.domain import keys
     from kana.models import Workspace
 
     with _session().begin() as s:
@@ -101,7 +101,7 @@ def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -
 @click.argument("key_id", type=int)
 def key_revoke(workspace_id: int, key_id: int) -> None:
     """Revoke an API key (takes effect within the key cache TTL)."""
-    from kana import keys
+    from kana.domain import keys
 
     with _session().begin() as s:
         if not keys.revoke_key(s, workspace_id, key_id):
@@ -113,7 +113,7 @@ def key_revoke(workspace_id: int, key_id: int) -> None:
 @click.option("--workspace", "workspace_id", type=int, required=True)
 def key_list(workspace_id: int) -> None:
     """List a workspace's API keys (id, prefix, scope, active/revoked, name)."""
-    from kana import keys
+    from kana.domain import keys
 
     with _session()() as s:
         for row in keys.list_keys(s, workspace_id):
@@ -128,7 +128,7 @@ def feature() -> None:
 
 def _feature_error(exc) -> click.ClickException:  # noqa: ANN001
     """A ``features.FeatureError`` in the CLI's words: the field it is about, then what is wrong."""
-    from kana import features
+    from kana.domain import features
 
     if isinstance(exc, features.DuplicateFeature):
         return click.ClickException(exc.message)
@@ -136,7 +136,7 @@ def _feature_error(exc) -> click.ClickException:  # noqa: ANN001
 
 
 def _feature_json(feature) -> dict:  # noqa: ANN001
-    from kana.views import feature_json
+    from kana.serializers import feature_json
 
     return feature_json(feature)
 
@@ -149,7 +149,7 @@ def _feature_json(feature) -> dict:  # noqa: ANN001
 @click.option("--json", "as_json", is_flag=True, help="Print the feature (and the reprocessing job id) as JSON.")
 def feature_create(workspace_id: int, feature_id: str, name: str | None, kind: str, as_json: bool) -> None:
     """Create a feature; queues reprocessing of stored events naming it."""
-    from kana import features
+    from kana.domain import features
 
     try:
         with _session().begin() as s:
@@ -172,7 +172,7 @@ def feature_create(workspace_id: int, feature_id: str, name: str | None, kind: s
 @click.option("--json", "as_json", is_flag=True)
 def feature_list(workspace_id: int, as_json: bool) -> None:
     """List the workspace's features (id, type, name)."""
-    from kana import features
+    from kana.domain import features
 
     with _session().begin() as s:
         _require_workspace(s, workspace_id)
@@ -192,7 +192,7 @@ def feature_list(workspace_id: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def feature_update(workspace_id: int, feature_id: str, name: str | None, kind: str | None, as_json: bool) -> None:
     """Rename or retype a feature (its id is what events name, so it never changes)."""
-    from kana import features
+    from kana.domain import features
 
     try:
         with _session().begin() as s:
@@ -214,7 +214,7 @@ def feature_update(workspace_id: int, feature_id: str, name: str | None, kind: s
 @click.option("--force", is_flag=True, help="Also delete its usage (those events become unmapped again).")
 def feature_delete(workspace_id: int, feature_id: str, force: bool) -> None:
     """Delete a feature; one with recorded usage only with --force."""
-    from kana import features
+    from kana.domain import features
 
     try:
         with _session().begin() as s:
@@ -233,9 +233,9 @@ def feature_delete(workspace_id: int, feature_id: str, force: bool) -> None:
 @click.option("--workers", default=2, show_default=True)
 def dev(port: int, workers: int) -> None:
     """Run web + workers + scheduler on this machine (embedded SQLite/Redis by default)."""
-    from kana import devstack
+    from kana.cli import dev
 
-    sys.exit(devstack.run(_settings(), port=port, workers=workers))
+    sys.exit(dev.run(_settings(), port=port, workers=workers))
 
 
 @main.command()
@@ -261,7 +261,7 @@ def _condition_value(raw: str) -> object:
 
 def _enqueue_reprocess(workspace_id: int, why: str) -> str:
     import jobs
-    from kana import reprocess
+    from kana.domain import reprocess
 
     return reprocess.enqueue(jobs.init(_settings()).queue, workspace_id, why=why)
 
@@ -280,7 +280,7 @@ def _reprocess_job(workspace_id: int, why: str) -> dict:
 
 
 def _reprocess_inline(workspace_id: int, chunk: int) -> dict:
-    from kana import reprocess
+    from kana.domain import reprocess
 
     sessions = _session()
     with sessions() as s:
@@ -321,7 +321,7 @@ def rule_create(workspace_id: int, feature_id: str, event: str, kind: str | None
                 conditions: tuple[tuple[str, str, str], ...], delta_property: str | None, priority: int | None,
                 then: str, as_json: bool) -> None:
     """Create a mapping rule, then reprocess the workspace's unmapped events."""
-    from kana import rules
+    from kana.domain import rules
 
     data: dict = {"feature_id": feature_id, "event": event, "type": kind,
                   "conditions": [{"property": p, "operator": o, "value": _condition_value(v)}
@@ -353,7 +353,7 @@ def rule_create(workspace_id: int, feature_id: str, event: str, kind: str | None
 @click.option("--json", "as_json", is_flag=True)
 def rule_list(workspace_id: int, as_json: bool) -> None:
     """List mapping rules in the order they are tried."""
-    from kana import rules
+    from kana.domain import rules
 
     with _session()() as s:
         rows = [rules.to_dict(r) for r in rules.list_rules(s, workspace_id)]
@@ -373,7 +373,7 @@ def rule_list(workspace_id: int, as_json: bool) -> None:
 @click.argument("rule_id", type=int)
 def rule_delete(workspace_id: int, rule_id: int) -> None:
     """Delete a rule (usage it already recorded stays in the ledger)."""
-    from kana import rules
+    from kana.domain import rules
 
     try:
         with _session().begin() as s:
@@ -421,7 +421,7 @@ def flags() -> None:
 @click.option("--workspace", "workspace_id", type=int, default=None, help="Only this workspace (default: all).")
 def flags_refresh(workspace_id: int | None) -> None:
     """Rebuild the flag tables now and print the counts."""
-    from kana import flags as flag_tables
+    from kana.domain import flags as flag_tables
 
     sessions = _session()
     if workspace_id is None:
@@ -445,11 +445,11 @@ def export_() -> None:
               help="File to write (default: standard output).")
 def export_csv(workspace_id: int, flag: str | None, output) -> None:  # noqa: ANN001
     """Write the workspace's users as CSV (kana_id,user_id,name,email,billing_id,created_at)."""
-    from kana import csvio
+    from kana.imports import csvfile
 
     with _session()() as s:
         _require_workspace(s, workspace_id)
-        for text in csvio.export_lines(s, workspace_id, flag=flag):
+        for text in csvfile.export_lines(s, workspace_id, flag=flag):
             output.write(text)
 
 
@@ -466,19 +466,19 @@ def import_csv(workspace_id: int, file: str, show_report: bool) -> None:
     """Import users from CSV (runs here; the same rules as the API's import job)."""
     from pathlib import Path
 
-    from kana import csvio
+    from kana.imports import csvfile
     from kana.models import CsvImport
 
     path = Path(file)
     data = path.read_bytes()
     try:
-        csvio.parse(data)
-    except csvio.CsvError as exc:
+        csvfile.parse(data)
+    except csvfile.CsvError as exc:
         raise click.ClickException(f"{path.name}: {exc.message}") from None
     sessions = _session()
     with sessions.begin() as s:
         _require_workspace(s, workspace_id)
-        import_id = csvio.create_import(s, workspace_id, path.name).id
+        import_id = csvfile.create_import(s, workspace_id, path.name).id
     with click.progressbar(length=1000, label=f"importing {path.name}", file=sys.stderr) as bar:
         state = {"shown": 0}
 
@@ -487,23 +487,23 @@ def import_csv(workspace_id: int, file: str, show_report: bool) -> None:
             bar.update(target - state["shown"])
             state["shown"] = target
 
-        summary = csvio.run_import(sessions, import_id, data, progress=progress, actor="cli")
+        summary = csvfile.run_import(sessions, import_id, data, progress=progress, actor="cli")
     if show_report:
         with sessions() as s:
             imp = s.get(CsvImport, import_id)
-            summary = csvio.import_json(imp)
+            summary = csvfile.import_json(imp)
     _echo_json(summary)
     if summary["status"] == "failed":
         raise click.ClickException(summary["error"] or "import failed")
 
 
 def _billing_import(workspace_id: int, provider: str) -> None:
-    from kana import billing_import
+    from kana.imports import customers
 
     try:
-        counts = billing_import.run(_session(), workspace_id, provider, _settings(),
+        counts = customers.run(_session(), workspace_id, provider, _settings(),
                                     progress=lambda n: click.echo(f"{n} customers", err=True))
-    except billing_import.ImportFailed as exc:
+    except customers.ImportFailed as exc:
         raise click.ClickException(str(exc)) from None
     _echo_json(counts)
 
@@ -544,7 +544,7 @@ def _load_users(s, workspace_id: int, kana_ids: tuple[int, ...]) -> list:  # noq
 @click.argument("kana_ids", type=int, nargs=-1, required=True)
 def users_merge(workspace_id: int, kana_ids: tuple[int, ...]) -> None:
     """Merge users into the one created first; prints the survivor."""
-    from kana import identity
+    from kana.domain import identity
 
     if len(set(kana_ids)) < 2:
         raise click.ClickException("give at least two distinct kana_ids")
@@ -566,7 +566,7 @@ def users_merge(workspace_id: int, kana_ids: tuple[int, ...]) -> None:
 @click.option("--yes", is_flag=True, help="Don't ask for confirmation.")
 def users_delete(workspace_id: int, kana_ids: tuple[int, ...], yes: bool) -> None:
     """Delete users with their events and usage."""
-    from kana import identity
+    from kana.domain import identity
 
     with _session().begin() as s:
         _load_users(s, workspace_id, kana_ids)

@@ -3,7 +3,7 @@
 Every endpoint but the OpenAPI document needs an admin key (401 unknown or
 revoked, 403 ingest key) and only ever reads or writes the key's workspace:
 another workspace's ids answer 404, exactly like ids that do not exist.
-Each request is one transaction (``with Session.begin()``). Input is validated
+Each request is one transaction (``with SessionLocal.begin()``). Input is validated
 by the marshmallow schemas below, which reject unknown fields so that a typo
 (``?emial=``) is an error rather than a silently ignored filter.
 """
@@ -22,15 +22,17 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from redis.exceptions import RedisError
 from sqlalchemy import Select, false, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import Session
 
-from kana import api_rules, auth, features, flags, identity, keys, ledger, processor, progress
-from kana import queue as events_queue
-from kana.billing import check_billing_id, provider_of
-from kana.db import Session
+from kana import auth, jobstate
+from kana.api import rules as api_rules
+from kana.db import SessionLocal
+from kana.domain import features, flags, identity, keys, ledger
+from kana.domain.billing import check_billing_id, provider_of
 from kana.errors import ApiError, json_object, unavailable
+from kana.ingest import processor, spool
 from kana.models import Audit, DeadLetter, Event, User, Workspace
-from kana.views import (
+from kana.serializers import (
     amount,
     audit_json,
     dead_letter_json,
@@ -247,7 +249,7 @@ def decode_cursor(cursor: str | None) -> int | None:
         raise field_error("cursor", "Not a cursor this API returned (use next_cursor as is).") from None
 
 
-def _page(session: OrmSession, stmt: Select, column: Any, args: dict[str, Any],
+def _page(session: Session, stmt: Select, column: Any, args: dict[str, Any],
           *, descending: bool = False) -> tuple[list[Any], str | None]:
     """One keyset page of ``stmt`` ordered by the unique ``column``, and the cursor of the next."""
     after = decode_cursor(args.get("cursor"))
@@ -268,7 +270,7 @@ def _id_or_404(value: int, what: str) -> int:
     return value
 
 
-def _user(session: OrmSession, workspace_id: int, kana_id: int) -> User:
+def _user(session: Session, workspace_id: int, kana_id: int) -> User:
     _id_or_404(kana_id, "user with kana_id")
     user = session.scalar(select(User).where(User.workspace_id == workspace_id, User.kana_id == kana_id))
     if user is None:
@@ -276,7 +278,7 @@ def _user(session: OrmSession, workspace_id: int, kana_id: int) -> User:
     return user
 
 
-def _feature(session: OrmSession, workspace_id: int, feature_id: str, field: str | None = None) -> Any:
+def _feature(session: Session, workspace_id: int, feature_id: str, field: str | None = None) -> Any:
     # Anything but a slug cannot be a feature id (and may not even be storable text).
     valid = features.SLUG.fullmatch(feature_id) is not None
     feature = features.get_feature(session, workspace_id, feature_id) if valid else None
@@ -294,7 +296,7 @@ def _check_range(args: dict[str, Any]) -> None:
 # --- users ----------------------------------------------------------------------
 
 
-def _user_filters(session: OrmSession, workspace_id: int, args: dict[str, Any]) -> list[Any]:
+def _user_filters(session: Session, workspace_id: int, args: dict[str, Any]) -> list[Any]:
     conditions: list[Any] = [User.workspace_id == workspace_id]
     if args["user_id"] is not None:
         found = identity.find_user(session, workspace_id, args["user_id"])
@@ -318,7 +320,7 @@ def _user_filters(session: OrmSession, workspace_id: int, args: dict[str, Any]) 
 def list_users() -> ResponseReturnValue:
     args = _query(UserListQuery())
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         stmt = select(User).where(*_user_filters(s, ws, args))
         users, cursor = _page(s, stmt, User.kana_id, args)
         body = {"users": [user_json(u) for u in users], "next_cursor": cursor}
@@ -334,7 +336,7 @@ def create_user() -> ResponseReturnValue:
         except ValidationError as exc:
             raise invalid({"user_id": exc.messages}) from None
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         workspace = s.get(Workspace, ws)
         billing_id = data["billing_id"] or None
         provider = None
@@ -361,7 +363,7 @@ def create_user() -> ResponseReturnValue:
 @bp.get("/users/<int:kana_id>")
 def get_user(kana_id: int) -> ResponseReturnValue:
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         user = _user(s, ws, kana_id)
         body = user_json(user, identity.aliases_of(s, ws, kana_id))
     return jsonify(body)
@@ -374,7 +376,7 @@ def merge_users() -> ResponseReturnValue:
     if len(ids) < 2:
         raise field_error("kana_ids", "Needs at least two distinct kana_ids.")
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         users = list(s.scalars(select(User).where(User.workspace_id == ws, User.kana_id.in_(ids))))
         missing = sorted(set(ids) - {u.kana_id for u in users})
         if missing:
@@ -392,7 +394,7 @@ def merge_users() -> ResponseReturnValue:
 def delete_user(kana_id: int) -> ResponseReturnValue:
     ws = auth.workspace_id()
     _id_or_404(kana_id, "user with kana_id")
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         if not identity.delete_users(s, ws, [kana_id], trigger="api", actor=auth.actor()):
             raise not_found(f"No user with kana_id {kana_id} in this workspace.")
     return "", 204
@@ -401,7 +403,7 @@ def delete_user(kana_id: int) -> ResponseReturnValue:
 # --- usage ----------------------------------------------------------------------
 
 
-def _series_range(session: OrmSession, ws: int, kana_id: int, feature_id: str,
+def _series_range(session: Session, ws: int, kana_id: int, feature_id: str,
                   args: dict[str, Any]) -> tuple[datetime, datetime]:
     """The series' range: as given, else from the first usage up to now (or the last usage).
 
@@ -427,7 +429,7 @@ def user_usage(kana_id: int) -> ResponseReturnValue:
     _check_range(args)
     ws = auth.workspace_id()
     feature_id = args["feature"]
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         _user(s, ws, kana_id)
         _feature(s, ws, feature_id, "feature")
         body: dict[str, Any] = {
@@ -454,7 +456,7 @@ def top_usage() -> ResponseReturnValue:
     _check_range(args)
     ws = auth.workspace_id()
     feature_id = args["feature"]
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         _feature(s, ws, feature_id, "feature")
         total = ledger.total(s, ws, None, feature_id, args["start"], args["end"])
         top = ledger.top_users(s, ws, feature_id, args["start"], args["end"], args["limit"])
@@ -481,7 +483,7 @@ def _feature_error(exc: features.FeatureError) -> ApiError:
 def create_feature() -> ResponseReturnValue:
     data = _body(FeatureCreate())
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         try:
             feature = features.create_feature(s, ws, data["id"], data["name"], data["type"])
         except features.FeatureError as exc:
@@ -494,14 +496,14 @@ def create_feature() -> ResponseReturnValue:
 
 @bp.get("/features")
 def list_features() -> ResponseReturnValue:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         body = {"features": [feature_json(f) for f in features.list_features(s, auth.workspace_id())]}
     return jsonify(body)
 
 
 @bp.get("/features/<feature_id>")
 def get_feature(feature_id: str) -> ResponseReturnValue:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         body = feature_json(_feature(s, auth.workspace_id(), feature_id))
     return jsonify(body)
 
@@ -510,7 +512,7 @@ def get_feature(feature_id: str) -> ResponseReturnValue:
 def update_feature(feature_id: str) -> ResponseReturnValue:
     data = _body(FeatureUpdate())
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         _feature(s, ws, feature_id)
         try:
             feature = features.update_feature(s, ws, feature_id, name=data["name"], type=data["type"])
@@ -524,7 +526,7 @@ def update_feature(feature_id: str) -> ResponseReturnValue:
 def delete_feature(feature_id: str) -> ResponseReturnValue:
     args = _query(FeatureDeleteQuery())
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         _feature(s, ws, feature_id)
         try:
             features.delete_feature(s, ws, feature_id, force=args["force"])
@@ -540,7 +542,7 @@ def delete_feature(feature_id: str) -> ResponseReturnValue:
 def list_events() -> ResponseReturnValue:
     args = _query(EventListQuery())
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         user = identity.find_user(s, ws, args["user_id"]) if args["user_id"] is not None else None
         if args["status"] == "failed":
             # Failed calls never became events: they are dead letters, kept by user_id.
@@ -572,7 +574,7 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     runtime = _runtime()
     _id_or_404(dead_letter_id, "failed event")
     try:
-        with Session.begin() as s:
+        with SessionLocal.begin() as s:
             done = processor.requeue(s, runtime.redis, runtime.settings.partitions, ws, dead_letter_id)
     except processor.NotRetryable as exc:
         raise ApiError(409, "not_retryable", str(exc)) from None
@@ -596,10 +598,10 @@ def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
 def stats() -> ResponseReturnValue:
     ws = auth.workspace_id()
     try:
-        counters = events_queue.workspace_counters(_runtime().redis, ws)
+        counters = spool.workspace_counters(_runtime().redis, ws)
     except RedisError as exc:
         raise unavailable(exc) from None
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         processed = s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws)) or 0
         failed = s.scalar(select(func.count()).select_from(DeadLetter).where(DeadLetter.workspace_id == ws)) or 0
     return jsonify({
@@ -613,12 +615,12 @@ def stats() -> ResponseReturnValue:
 @bp.get("/jobs/<job_id>")
 def job_status(job_id: str) -> ResponseReturnValue:
     try:
-        job = progress.workspace_job(_runtime().redis, job_id, auth.workspace_id())
+        job = jobstate.workspace_job(_runtime().redis, job_id, auth.workspace_id())
     except RedisError as exc:
         raise unavailable(exc) from None
     if job is None:
         raise not_found(f"No job {job_id!r} (unknown, another workspace's, or its result has expired).")
-    state = progress.describe(job)
+    state = jobstate.describe(job)
     fields_ = ("id", "status", "progress", "result", "error", "enqueued_at", "ended_at")
     return jsonify({k: state[k] for k in fields_ if k in state})
 
@@ -628,7 +630,7 @@ def job_status(job_id: str) -> ResponseReturnValue:
 
 @bp.get("/workspace")
 def get_workspace() -> ResponseReturnValue:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         body = workspace_json(s.get(Workspace, auth.workspace_id()))
     return jsonify(body)
 
@@ -636,7 +638,7 @@ def get_workspace() -> ResponseReturnValue:
 @bp.patch("/workspace")
 def update_workspace() -> ResponseReturnValue:
     data = _body(WorkspaceUpdate())
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         row = s.get(Workspace, auth.workspace_id())
         for field, value in data.items():
             if isinstance(value, str):
@@ -654,7 +656,7 @@ def update_workspace() -> ResponseReturnValue:
 @bp.get("/audit")
 def list_audit() -> ResponseReturnValue:
     args = _query(PageQuery())
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         stmt = select(Audit).where(Audit.workspace_id == auth.workspace_id())
         rows, cursor = _page(s, stmt, Audit.id, args, descending=True)
         body = {"audit": [audit_json(r) for r in rows], "next_cursor": cursor}
@@ -663,7 +665,7 @@ def list_audit() -> ResponseReturnValue:
 
 @bp.get("/keys")
 def list_keys() -> ResponseReturnValue:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         body = {"keys": [key_json(k) for k in keys.list_keys(s, auth.workspace_id())]}
     return jsonify(body)
 
@@ -671,7 +673,7 @@ def list_keys() -> ResponseReturnValue:
 @bp.post("/keys")
 def create_key() -> ResponseReturnValue:
     data = _body(KeyCreate())
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         row, plain = keys.create_key(s, auth.workspace_id(), data["scope"], name=data["name"])
         # The only time the key is shown: it is stored hashed.
         body = {**key_json(row), "api_key": plain}
@@ -681,7 +683,7 @@ def create_key() -> ResponseReturnValue:
 @bp.delete("/keys/<int:key_id>")
 def revoke_key(key_id: int) -> ResponseReturnValue:
     _id_or_404(key_id, "API key")
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         if not keys.revoke_key(s, auth.workspace_id(), key_id):
             raise not_found(f"No API key {key_id} in this workspace.")
     auth.clear_cache()  # effective at once in this process, within the cache TTL elsewhere
@@ -693,6 +695,6 @@ def revoke_key(key_id: int) -> ResponseReturnValue:
 
 @bp.get("/openapi.json")
 def openapi() -> ResponseReturnValue:
-    from kana import openapi as document
+    from kana.api import openapi as document
 
     return jsonify(document.spec_dict())

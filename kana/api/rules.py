@@ -14,8 +14,9 @@ from flask import Blueprint, current_app, jsonify, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 
-from kana import auth, reprocess, rules
-from kana.db import Session
+from kana import auth
+from kana.db import SessionLocal
+from kana.domain import reprocess, rules
 from kana.errors import ApiError, json_object, unavailable
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def reprocess_job(workspace_id: int, why: str) -> dict[str, Any]:
 def create_rule() -> ResponseReturnValue:
     data = json_object()
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         try:
             rule = rules.create_rule(s, ws, data)
         except rules.RuleError as exc:
@@ -72,7 +73,7 @@ def create_rule() -> ResponseReturnValue:
 
 @bp.get("/rules")
 def list_rules() -> ResponseReturnValue:
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         body = {"rules": [rules.to_dict(r) for r in rules.list_rules(s, auth.workspace_id())]}
     return jsonify(body)
 
@@ -80,7 +81,7 @@ def list_rules() -> ResponseReturnValue:
 @bp.get("/rules/<int:rule_id>")
 def get_rule(rule_id: int) -> ResponseReturnValue:
     _check_id(rule_id)
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         try:
             body = rules.to_dict(rules.get_rule(s, auth.workspace_id(), rule_id))
         except rules.RuleNotFound:
@@ -93,7 +94,7 @@ def update_rule(rule_id: int) -> ResponseReturnValue:
     _check_id(rule_id)
     data = json_object()
     ws = auth.workspace_id()
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         try:
             body = rules.to_dict(rules.update_rule(s, ws, rule_id, data))
         except rules.RuleNotFound:
@@ -107,7 +108,7 @@ def update_rule(rule_id: int) -> ResponseReturnValue:
 @bp.delete("/rules/<int:rule_id>")
 def delete_rule(rule_id: int) -> ResponseReturnValue:
     _check_id(rule_id)
-    with Session.begin() as s:
+    with SessionLocal.begin() as s:
         try:
             rules.delete_rule(s, auth.workspace_id(), rule_id)
         except rules.RuleNotFound:

@@ -1,0 +1,1 @@
+"""Bulk imports: CSV files and billing-provider customers."""

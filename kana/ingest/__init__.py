@@ -1,0 +1,1 @@
+"""Ingestion pipeline: receive (receiver, schemas) → partition (spool) → drain → apply (processor)."""
