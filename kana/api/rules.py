@@ -17,13 +17,13 @@ from redis.exceptions import RedisError
 from kana import auth
 from kana.db import SessionLocal
 from kana.domain import reprocess, rules
+from kana.domain.ids import MAX_ID
 from kana.errors import ApiError, json_object, unavailable
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("rules_api", __name__, url_prefix="/api/v1")
 
-MAX_ID = 2**63 - 1
 
 
 bp.before_request(auth.require_admin)

@@ -29,6 +29,7 @@ from kana.api import rules as api_rules
 from kana.db import SessionLocal
 from kana.domain import features, flags, identity, keys, ledger
 from kana.domain.billing import check_billing_id, provider_of
+from kana.domain.ids import MAX_ID, user_id_problem
 from kana.errors import ApiError, json_object, unavailable
 from kana.ingest import processor, spool
 from kana.models import Audit, DeadLetter, Event, User, Workspace
@@ -51,12 +52,7 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 MAX_MERGE = 1000
-# Ids are BIGINT: a larger number in a URL is simply not there (and must not
-# reach the database, which would reject it with an overflow error).
-MAX_ID = 2**63 - 1
 EVENT_STATUSES = ("unmapped", "mapped", "processed", "failed")
-# Ids Segment libraries send when the app had no real one (SPEC §2): never a user.
-PLACEHOLDER_IDS = {"null", "undefined", "[object object]", "nan"}
 
 
 # --- validation ---------------------------------------------------------------
@@ -79,7 +75,7 @@ def _text(*, required: bool = False, max_length: int | None = None, **kwargs: An
 
 
 def _user_id_field(value: str) -> None:
-    if value and (not value.strip() or value.strip().lower() in PLACEHOLDER_IDS):
+    if value and user_id_problem(value) is not None:
         raise ValidationError("Must be a real user id, not blank or a placeholder like 'null' or 'undefined'.")
 
 

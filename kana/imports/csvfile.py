@@ -34,6 +34,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from kana import db
 from kana.domain import flags, identity
 from kana.domain.billing import check_billing_id, provider_of
+from kana.domain.ids import user_id_problem
 from kana.models import CsvImport, User, Workspace, utcnow
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ ANALYZE_AFTER = 10_000
 REPORT_LIMIT = 5000
 # Cells starting with these are run as formulas by spreadsheets (OWASP CSV injection).
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
-# The same placeholders the receiver rejects as a userId.
-_PLACEHOLDERS = {"null", "undefined", "[object object]", "nan"}
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 _NUMBER = re.compile(r"\d+")
 
@@ -264,7 +263,7 @@ def validate(line: int, values: dict[str, str], provider: str | None) -> Row:
         else:
             errors["kana_id"] = f"{raw!r} is not a kana_id (a whole number)"
     user_id = values.get("user_id") or None
-    if user_id is not None and user_id.lower() in _PLACEHOLDERS:
+    if user_id is not None and user_id_problem(user_id) == "placeholder":
         errors["user_id"] = f"{user_id!r} is a placeholder, not a user id"
     email = values.get("email") or None
     if email is not None and not _EMAIL.fullmatch(email):

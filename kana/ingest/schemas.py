@@ -23,11 +23,9 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
 
 from kana.domain.billing import check_billing_id
+from kana.domain.ids import MAX_EXTERNAL_ID, user_id_problem
 
 CALL_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
-
-# What JavaScript (and sloppy templating) turns a missing id into.
-PLACEHOLDER_IDS = frozenset({"null", "undefined", "[object object]", "nan", "none"})
 
 # Numeric(28, 9) is where usage amounts end up; anything this large is a bug upstream.
 MAX_DELTA = 1e18
@@ -56,12 +54,10 @@ class Id(fields.Field):
             text = str(value)
         else:
             raise self.make_error("invalid")
-        stripped = text.strip()
-        if not stripped:
-            raise self.make_error("empty")
-        if stripped.lower() in PLACEHOLDER_IDS:
-            raise self.make_error("placeholder", value=text)
-        if len(text) > 1024:
+        problem = user_id_problem(text)
+        if problem is not None:
+            raise self.make_error(problem, value=text)
+        if len(text) > MAX_EXTERNAL_ID:
             raise self.make_error("too_long")
         return text
 
