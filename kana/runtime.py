@@ -25,8 +25,8 @@ class Runtime:
     def queue(self) -> Queue:
         return broker.job_queue(self.redis, self.settings)
 
-    def wake(self, partitions: set[int] | list[int], *, force: bool = False) -> int:
-        return broker.wake(self.redis, self.settings, partitions, force=force)
+    def wake(self, partitions: set[int] | list[int]) -> int:
+        return broker.wake(self.redis, self.settings, partitions)
 
     def enqueue_drains(self, partitions: list[int]) -> int:
         """Drain jobs for the partitions whose wake flag ``queue.push`` raised."""

@@ -184,10 +184,6 @@ def aliases_of(session: Session, workspace_id: int, kana_id: int) -> list[str]:
     )
 
 
-def _taken(session: Session, workspace_id: int, user_id: str) -> bool:
-    return find_user(session, workspace_id, user_id) is not None
-
-
 def create_user(
     session: Session,
     workspace_id: int,
@@ -201,7 +197,7 @@ def create_user(
 ) -> User:
     """Create a claimed (with user_id) or unclaimed user; Conflict if the user_id is in use."""
     user_id = user_id or None
-    if user_id is not None and _taken(session, workspace_id, user_id):
+    if user_id is not None and find_user(session, workspace_id, user_id) is not None:
         raise Conflict(f"user_id {user_id!r} is already in use in this workspace")
     traits = Traits(email=email or None, name=name or None, billing_id=billing_id or None,
                     billing_provider=billing_provider if billing_id else None)
