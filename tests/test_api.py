@@ -11,28 +11,20 @@ from decimal import Decimal
 import pytest
 from openapi_spec_validator import validate
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from kana.api import users as api
 from kana.db import SessionLocal
 from kana.domain import flags, identity, ledger
 from kana.ingest import spool
-from kana.models import ApiKey, Audit, DeadLetter, Event, Feature, Usage, User
+from kana.models import ApiKey, Audit, DeadLetter, Event, Usage, User
+from tests.helpers import add_feature as make_feature
+from tests.helpers import count, make_user
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def make_user(ws_id: int, user_id: str | None = None, **fields) -> int:
-    with SessionLocal.begin() as s:
-        return identity.create_user(s, ws_id, user_id=user_id, **fields).kana_id
-
-
-def make_feature(ws_id: int, feature_id: str = "messages", kind: str = "consumable") -> None:
-    with SessionLocal.begin() as s:
-        s.add(Feature(workspace_id=ws_id, id=feature_id, name=feature_id.title(), type=kind))
 
 
 def add_usage(ws_id: int, kana_id: int, delta, at: datetime, feature_id: str = "messages", user_id: str = "u") -> int:
@@ -72,11 +64,6 @@ def add_dead_letter(ws_id: int, user_id: str = "dl-user", message_id: str | None
         s.add(row)
         s.flush()
         return row.id
-
-
-def count(model, ws_id: int, *where) -> int:
-    with SessionLocal() as s:
-        return s.scalar(select(func.count()).select_from(model).where(model.workspace_id == ws_id, *where))
 
 
 def get(client, ws, url, **kwargs):

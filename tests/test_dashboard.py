@@ -19,6 +19,7 @@ from kana.domain import flags, identity, rules
 from kana.ingest import spool
 from kana.models import ApiKey, Audit, DashboardAdmin, DeadLetter, Event, Feature, User, Workspace
 from tests.fakes import fake_stripe, worker_settings  # noqa: F401 - fixtures
+from tests.helpers import make_user
 
 PASSWORD = "correct horse battery staple"
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
@@ -81,14 +82,6 @@ def browser(client, admin):
     resp = log_in(client, admin.email)
     assert resp.status_code == 302, resp.get_data(as_text=True)
     return client
-
-
-def make_user(ws_id: int, user_id: str | None = None, created_at: datetime | None = None, **fields) -> int:
-    with SessionLocal.begin() as s:
-        user = identity.create_user(s, ws_id, user_id=user_id, **fields)
-        if created_at is not None:
-            user.created_at = created_at
-        return user.kana_id
 
 
 def exists(kana_id: int) -> bool:
