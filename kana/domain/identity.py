@@ -65,9 +65,10 @@ def find_user(session: Session, workspace_id: int, user_id: str) -> User | None:
 
 
 class Directory:
-    """``find_user`` with a per-transaction cache, preloaded for a whole batch.
+    """``find_user`` with a per-transaction cache, preloaded for a whole batch, and the
+    unclaimed users of the batch's emails (whom an identify may claim or merge).
 
-    Merges and deletes clear it (they are rare; correctness beats cleverness).
+    Merges (``Directory.merge``) and deletes clear it (they are rare; correctness beats cleverness).
     """
 
     def __init__(self, session: Session, workspace_id: int) -> None:
@@ -131,7 +132,9 @@ class Directory:
             self.preload_unclaimed([email])
         found = [u for u in self._unclaimed[key]
                  if u.user_id is None and u.email_key == key and u is not exclude]
-        return sorted(found, key=lambda u: (u.kana_id is None, u.kana_id or 0))
+        if len(found) > 1:
+            found.sort(key=lambda u: (u.kana_id is None, u.kana_id or 0))
+        return found
 
     def note(self, user: User) -> None:
         """Keep the unclaimed index in step with a user created or re-emailed in this transaction."""
@@ -429,8 +432,8 @@ def alias(directory: Directory, previous_id: str, user_id: str, *, at: datetime 
         if billing_conflict(previous.billing_id, current.billing_id):
             result = "billing_conflict"
         else:
-            user = merge(session, ws, [previous, current], trigger="alias",
-                         detail={"previous_id": previous_id, "user_id": user_id})
+            user = directory.merge([previous, current], trigger="alias",
+                                   detail={"previous_id": previous_id, "user_id": user_id})
             if user.user_id != user_id:
                 # The call's userId is the identity going forward (its payload wins
                 # over both users): it becomes the survivor's user_id, the old one an alias.
