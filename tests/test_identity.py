@@ -55,10 +55,6 @@ def imported(session, ws, email, billing_id=None, name=None):
     return add_user(session, ws, email=email, billing_id=billing_id, name=name, source="stripe")
 
 
-def users(session, ws):
-    return users_of(session, ws)
-
-
 # --- SPEC §4.1 over both paths ------------------------------------------------------------
 
 
@@ -111,7 +107,7 @@ def test_only_user_id_creates_then_updates(session, ws, send):
     again = send("u1", name="Annie")
     assert again.user.kana_id == a.user.kana_id and again.user.name == "Annie"
     assert again.status == send.row("updated")
-    assert len(users(session, ws)) == 1
+    assert len(users_of(session, ws)) == 1
 
 
 def test_new_user_with_email_claims_single_unclaimed_user(session, ws, send):
@@ -121,7 +117,7 @@ def test_new_user_with_email_claims_single_unclaimed_user(session, ws, send):
     assert a.user.kana_id == s.kana_id and s.user_id == "u1"
     assert (a.user.user_id, a.user.billing_id, a.user.source, a.user.name) == ("u1", "cus_A1", "stripe", "Ann")
     assert a.status == send.row("updated")
-    assert len(users(session, ws)) == 1
+    assert len(users_of(session, ws)) == 1
 
 
 def test_new_user_with_email_and_no_unclaimed_match_creates_even_if_email_shared(session, ws, send):
@@ -130,7 +126,7 @@ def test_new_user_with_email_and_no_unclaimed_match_creates_even_if_email_shared
     second = send("u2", email="shared@example.com")
     assert first.user.kana_id != second.user.kana_id
     assert second.status == send.row("created")
-    assert {u.user_id for u in users(session, ws)} == {"u1", "u2"}
+    assert {u.user_id for u in users_of(session, ws)} == {"u1", "u2"}
 
 
 def test_new_user_with_several_unclaimed_matches_creates_and_merges_nothing(session, ws, send):
@@ -140,7 +136,7 @@ def test_new_user_with_several_unclaimed_matches_creates_and_merges_nothing(sess
     a = send("u1", email="dup@example.com")
     assert a.user.source == SOURCE[send.path] and a.user.billing_id is None
     assert a.status == send.row("created")
-    assert len(users(session, ws)) == 3
+    assert len(users_of(session, ws)) == 3
 
 
 def test_existing_user_with_email_merges_single_unclaimed_into_oldest(session, ws, send):
@@ -155,7 +151,7 @@ def test_existing_user_with_email_merges_single_unclaimed_into_oldest(session, w
     assert (merged.user.user_id, merged.user.billing_id, merged.user.email) == ("u1", "cus_B", "bob@example.com")
     assert merged.user.name == "Robert (Stripe)"
     assert identity.find_user(session, ws, "u1").kana_id == s.kana_id
-    assert [u.kana_id for u in users(session, ws)] == [s.kana_id]
+    assert [u.kana_id for u in users_of(session, ws)] == [s.kana_id]
     audit = session.scalars(select(Audit).where(Audit.workspace_id == ws, Audit.action == "merge")).one()
     assert audit.trigger == TRIGGER[send.path] and sorted(audit.kana_ids) == sorted([s.kana_id, a.kana_id])
 
@@ -166,10 +162,10 @@ def test_existing_user_created_first_survives_the_merge(session, ws, send):
     s = imported(session, ws, "ann@example.com", billing_id="cus_A")
     merged = send("u1", email="ann@example.com", name="Ann")
     assert merged.status == send.row("merged")
-    (survivor,) = users(session, ws)
+    (survivor,) = users_of(session, ws)
     assert survivor.kana_id == a.kana_id == merged.user.kana_id  # created first
     assert (survivor.user_id, survivor.billing_id, survivor.name) == ("u1", "cus_A", "Ann")
-    assert s.kana_id not in {u.kana_id for u in users(session, ws)}
+    assert s.kana_id not in {u.kana_id for u in users_of(session, ws)}
 
 
 def test_existing_user_with_several_unclaimed_matches_merges_nothing(session, ws, send):
@@ -180,7 +176,7 @@ def test_existing_user_with_several_unclaimed_matches_merges_nothing(session, ws
     a2 = send("u1", email="c@example.com")
     assert a2.user.kana_id == a.kana_id and a2.user.email == "c@example.com"
     assert a2.status == send.row("updated")
-    assert len(users(session, ws)) == 3
+    assert len(users_of(session, ws)) == 3
 
 
 def test_existing_user_found_through_an_alias_is_updated_not_renamed(session, ws, send):
@@ -190,7 +186,7 @@ def test_existing_user_found_through_an_alias_is_updated_not_renamed(session, ws
     sent = send("old-u2", name="Bee")
     assert sent.user.kana_id == b.kana_id and (b.user_id, b.name) == ("u2", "Bee")
     assert sent.status == send.row("updated")
-    assert len(users(session, ws)) == 1
+    assert len(users_of(session, ws)) == 1
 
 
 def test_no_claim_when_billing_ids_conflict(session, ws, send):
@@ -208,7 +204,7 @@ def test_no_merge_when_billing_ids_conflict(session, ws, send):
     after = send("u1", email="e@example.com")
     assert after.user.kana_id == a.kana_id and s.user_id is None
     assert after.status == send.row("updated")
-    assert len(users(session, ws)) == 2
+    assert len(users_of(session, ws)) == 2
 
 
 def test_the_same_billing_id_or_one_missing_is_no_conflict(session, ws, send):
@@ -220,7 +216,7 @@ def test_the_same_billing_id_or_one_missing_is_no_conflict(session, ws, send):
     a = send("u2", billing_id="cus_G").user
     merged = send("u2", email="g@example.com")
     assert merged.status == send.row("merged")
-    assert {u.kana_id for u in users(session, ws)} == {s.kana_id, g.kana_id}  # g created first: it survives
+    assert {u.kana_id for u in users_of(session, ws)} == {s.kana_id, g.kana_id}  # g created first: it survives
     assert (merged.user.kana_id, merged.user.user_id, merged.user.billing_id) == (g.kana_id, "u2", "cus_G")
     assert a.kana_id != g.kana_id
 
@@ -303,7 +299,7 @@ def test_alias_merges_when_both_exist_and_is_noop_otherwise(session, ws):
     results = [a.detail["result"] for a in session.scalars(
         select(Audit).where(Audit.workspace_id == ws, Audit.action == "alias").order_by(Audit.id))]
     assert results == ["merged", "noop"]
-    assert u.kana_id not in {x.kana_id for x in users(session, ws)}
+    assert u.kana_id not in {x.kana_id for x in users_of(session, ws)}
 
 
 def test_gdpr_delete_removes_user_events_usage_aliases_and_pii(session, ws):
@@ -315,7 +311,7 @@ def test_gdpr_delete_removes_user_events_usage_aliases_and_pii(session, ws):
     session.add(ev)
     session.flush()
     assert identity.gdpr_delete(Directory(session, ws), "b") == 1
-    assert users(session, ws) == []
+    assert users_of(session, ws) == []
     assert session.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws)) == 0
     assert session.scalar(select(func.count()).select_from(Alias).where(Alias.workspace_id == ws)) == 0
     for row in session.scalars(select(Audit).where(Audit.workspace_id == ws)):

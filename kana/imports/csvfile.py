@@ -7,8 +7,9 @@ again on import, so an exported file imports back unchanged).
 
 Import takes that file back (any subset of the columns, header required). Each
 row is matched by kana_id, else user_id (aliases too), else a single unclaimed
-email, and then creates, updates, claims or merges — the identify rules of
-§4.1 with kana_id addressing on top. Rows are applied a chunk at a time with
+email, and then creates, updates, claims or merges through identity's own
+§4.1 functions (a row with a user_id is an identify), with the kana_id and
+email-only addressing of a file on top. Rows are applied a chunk at a time with
 the chunk's users preloaded (a few queries per chunk, not per row); a chunk
 whose flush fails is re-applied row by row, each in its own savepoint, so every
 row succeeds or fails on its own. Re-importing a file changes nothing.
