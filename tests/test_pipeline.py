@@ -9,10 +9,11 @@ import time
 import pytest
 from sqlalchemy import func, select
 
+from jobs import maintenance
 from kana.db import SessionLocal
 from kana.ingest import spool
 from kana.models import DeadLetter, Event, User
-from tests.helpers import add_feature, count, post_batch, track, usage_total, wait_until
+from tests.helpers import add_feature, add_user, count, post_batch, track, usage_total, wait_until
 
 
 def test_track_with_feature_records_usage_once_per_message(client, workspace, work):
@@ -150,22 +151,22 @@ def test_worker_killed_mid_batch_loses_and_doubles_nothing(settings, client, wor
         post_batch(client, workspace, calls[i : i + 500])
     spawn_worker()
     time.sleep(settings.lock_ttl + 0.5)
-    from jobs import maintenance
 
-    wait_until(lambda: (maintenance.recover() or True) and count(Event, workspace.id) == n
-               and spool.depth(runtime.redis, settings.partitions) == 0, timeout=120, interval=1)
+    def recovered() -> bool:
+        maintenance.recover()  # what the scheduler runs every 30 s, here every poll
+        return count(Event, workspace.id) == n and spool.depth(runtime.redis, settings.partitions) == 0
+
+    wait_until(recovered, timeout=120, interval=1)
     assert usage_total(workspace.id) == n
 
 
 def test_concurrent_workers_never_duplicate_a_user_or_lose_a_merge(client, workspace, spawn_worker, runtime):
     # Unclaimed users (as a Stripe import makes), then interleaved identify calls
     # for the same userIds and emails processed by three workers at once.
-    from kana.domain import identity
-
     emails = [f"person{i}@example.com" for i in range(30)]
     with SessionLocal.begin() as s:
         for e in emails:
-            identity.create_user(s, workspace.id, email=e, billing_id=None, source="stripe")
+            add_user(s, workspace.id, email=e, source="stripe")
     calls = []
     for round_ in range(4):
         for i, e in enumerate(emails):
