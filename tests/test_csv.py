@@ -176,6 +176,17 @@ def test_import_kana_id_row_with_another_users_user_id_merges_them(session, work
     assert audit.detail["line"] == 2
 
 
+def test_a_later_row_naming_a_user_merged_away_by_an_earlier_one_finds_it_gone(session, workspace):
+    ws = workspace.id
+    s = add_user(session, ws, email="ann@example.com", billing_id="cus_A", name="Ann", source="stripe")
+    a = add_user(session, ws, user_id="u1")
+    results = run(session, ws, f"kana_id,user_id,name\n{s.kana_id},u1,\n{a.kana_id},,Gone\n{a.kana_id},u1,Annie\n")
+    assert results[2].status == "merged" and [u.kana_id for u in users_of(session, ws)] == [s.kana_id]
+    assert results[3].status == "failed" and "no user with kana_id" in results[3].errors["kana_id"]
+    # Its user_id leads to the survivor, whose values win (fill-only).
+    assert results[4].status == "unchanged" and results[4].kana_id == s.kana_id and s.name == "Ann"
+
+
 def test_import_never_merges_conflicting_billing_ids(session, workspace):
     ws = workspace.id
     a = add_user(session, ws, email="a@example.com", billing_id="cus_1", source="stripe")

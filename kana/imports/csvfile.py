@@ -323,10 +323,9 @@ class _Chunk:
         self.directory.preload(r.user_id for r in rows if r.user_id and r.user_id not in known)
         self.directory.preload_unclaimed(r.email for r in rows if r.email)
 
-    def _by_kana(self, kana_id: int) -> User | None:
-        user = self.by_kana.get(kana_id)
-        # A user merged away by an earlier row of the chunk is gone.
-        return None if user is None or inspect(user).was_deleted else user
+    def _forget_merged_away(self) -> None:
+        """After a merge: the users it removed are gone for the chunk's later rows too."""
+        self.by_kana = {k: u for k, u in self.by_kana.items() if not inspect(u).was_deleted}
 
     def _traits(self, row: Row) -> identity.Traits:
         return identity.Traits(
@@ -347,7 +346,7 @@ class _Chunk:
         traits = self._traits(row)
         target: User | None = None
         if row.kana_id is not None:
-            target = self._by_kana(row.kana_id)
+            target = self.by_kana.get(row.kana_id)
             if target is None and row.user_id is None:
                 raise RowError({"kana_id": f"no user with kana_id {row.kana_id} in this workspace "
                                            "(merged or deleted?); clear the cell to match by user_id or email"})
@@ -373,6 +372,7 @@ class _Chunk:
                     raise RowError({"user_id": f"{row.user_id!r} belongs to kana_id {owner.kana_id}, whose billing "
                                                f"id {owner.billing_id!r} differs from {billing!r}: not merged"})
                 target = self.directory.merge([target, owner], **self._cause(row))
+                self._forget_merged_away()
                 result.status = "merged"
                 result.actions.append(f"merged kana_ids {sorted({row.kana_id, owner.kana_id})}")
             elif owner is None:
@@ -405,6 +405,7 @@ class _Chunk:
             result.actions.append("claimed")
         if done.merged_with is not None:
             result.actions.append(f"merged kana_id {done.merged_with}")
+            self._forget_merged_away()
         if done.created:
             result.status = "created"
         elif done.merged_with is not None:
