@@ -170,8 +170,8 @@ def test_login_never_redirects_off_site(client, admin):
     assert resp.location.endswith("/dashboard/keys")
 
 
-def test_login_attempts_are_rate_limited(client, app, admin):
-    limit = app.extensions["kana"].settings.login_attempts
+def test_login_attempts_are_rate_limited(client, runtime, admin):
+    limit = runtime.settings.login_attempts
     for _ in range(limit):
         assert log_in(client, admin.email, "not the password").status_code == 401
     # Past the limit even the right password is refused until the window passes.
@@ -182,8 +182,8 @@ def test_login_attempts_are_rate_limited(client, app, admin):
     assert client.get("/dashboard/").status_code == 302
 
 
-def test_rate_limit_counts_per_address_across_emails(client, app, admin):
-    limit = app.extensions["kana"].settings.login_attempts
+def test_rate_limit_counts_per_address_across_emails(client, runtime, admin):
+    limit = runtime.settings.login_attempts
     for i in range(limit):
         log_in(client, f"guess{i}@acme.test", "whatever password")
     assert log_in(client, admin.email).status_code == 429
@@ -343,12 +343,12 @@ def test_an_admin_sees_and_changes_only_their_workspace(browser, admin, new_work
     assert "their-user" not in csv and "my-user" in csv
 
 
-def test_jobs_and_imports_of_another_workspace_are_not_found(browser, new_workspace, app):
+def test_jobs_and_imports_of_another_workspace_are_not_found(browser, new_workspace, runtime):
     other = new_workspace("other")
-    from jobs import flags as flag_jobs
     from kana.imports import csvfile
+    from kana.services import flags as flag_actions
 
-    job_id = flag_jobs.enqueue_refresh(app.extensions["kana"].queue, other.id)
+    job_id = flag_actions.refresh(runtime, other.id)
     assert browser.get(f"/dashboard/jobs/{job_id}.json").status_code == 404
     assert "Refreshing" not in text(browser.get(f"/dashboard/?job={job_id}"))
     with SessionLocal.begin() as s:

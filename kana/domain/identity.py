@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from kana import errors
 from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
 
 # Fields a merge fills from the merged-away users when the survivor lacks them.
@@ -20,7 +21,7 @@ FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "grou
 CHUNK = 500
 
 
-class Conflict(ValueError):
+class Conflict(errors.Conflict):
     """The change would break a uniqueness rule (e.g. a user_id already in use)."""
 
 
