@@ -113,7 +113,9 @@ class RuleOut(rules.RuleSchema):
     """A mapping rule: the fields ``rules.RuleSchema`` accepts, plus its id and times."""
 
     class Meta:
-        ordered = True
+        # The order the API has always written a rule in: id first.
+        fields = ("id", "feature_id", "event", "type", "conditions", "delta_property", "priority", "enabled",
+                  "created_at", "updated_at")
 
     id = fields.Integer(required=True)
     created_at = Time()

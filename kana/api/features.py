@@ -38,10 +38,16 @@ class FeatureList(Schema):
     features = fields.List(fields.Nested(FeatureOut), required=True)
 
 
-class FeatureWithJob(FeatureOut):
+class ReprocessJob(Schema):
+    """What a saved change answers about the reprocessing that follows it."""
+
     job_id = fields.String(allow_none=True, metadata={
         "description": "The reprocessing job (GET /api/v1/jobs/{job_id}); null if Redis was down."})
     reprocess_error = fields.String()
+
+
+class FeatureWithJob(FeatureOut, ReprocessJob):
+    pass
 
 
 def with_hint(result: dict) -> dict:

@@ -45,8 +45,8 @@ def _path(rule: str) -> tuple[str, list[dict[str, Any]]]:
     return _PARAM.sub(r"{\2}", rule), parameters
 
 
-def _operation(op: Operation) -> dict[str, Any]:
-    out: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary, "parameters": []}
+def _operation(op: Operation, tag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary, "tags": [tag], "parameters": []}
     if op.query is not None:
         out["parameters"].append({"in": "query", "schema": op.query})
     if op.body is not None:
@@ -90,11 +90,13 @@ def build(app: Flask) -> APISpec:
     for rule in app.url_map.iter_rules():
         if not rule.endpoint.startswith(f"{bp.name}.") or rule.endpoint in PUBLIC:
             continue
-        op: Operation = app.view_functions[rule.endpoint].openapi
+        view = app.view_functions[rule.endpoint]
+        op: Operation = view.openapi
+        tag = view.__module__.rsplit(".", 1)[-1]  # the resource module
         path, parameters = _path(rule.rule)
         item = paths.setdefault(path, {"parameters": parameters})
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            item[method.lower()] = _operation(op)
+            item[method.lower()] = _operation(op, tag)
     for path, item in paths.items():
         parameters = item.pop("parameters")
         spec.path(path=path, operations=item, parameters=parameters or None)

@@ -13,7 +13,7 @@ from marshmallow import Schema, fields
 
 from kana import auth
 from kana.api.common import Queued, bp, doc, json_object
-from kana.api.features import with_hint
+from kana.api.features import ReprocessJob, with_hint
 from kana.domain.rules import RuleSchema
 from kana.runtime import current
 from kana.serializers import RuleOut
@@ -26,10 +26,9 @@ class RuleList(Schema):
     rules = fields.List(fields.Nested(RuleOut), required=True)
 
 
-class RuleWithJob(RuleOut):
-    job_id = fields.String(allow_none=True, metadata={
-        "description": "The reprocessing job (GET /api/v1/jobs/{job_id}); null if Redis was down."})
-    reprocess_error = fields.String()
+class RuleWithJob(RuleOut, ReprocessJob):
+    class Meta(RuleOut.Meta):
+        fields = (*RuleOut.Meta.fields, "job_id", "reprocess_error")
 
 
 @bp.post("/rules")
