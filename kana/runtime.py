@@ -43,6 +43,11 @@ def install(app: Flask, runtime: Runtime) -> Runtime:
     return runtime
 
 
+def of(app: Flask) -> Runtime:
+    """The Runtime ``install`` gave ``app``."""
+    return app.extensions[EXTENSION]
+
+
 def current() -> Runtime:
     """The Runtime of the app handling this request (or whose app context is pushed)."""
-    return current_app.extensions[EXTENSION]
+    return of(current_app)

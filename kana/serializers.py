@@ -8,6 +8,7 @@ amounts are JSON numbers (int when integral), never strings, so clients can add 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -168,8 +169,7 @@ class UsageOut(Schema):
     series = fields.List(fields.Nested(SeriesPoint), metadata={"description": "only when window is given"})
 
 
-_USER, _USER_DETAIL, _EVENT, _DEAD = UserOut(), UserDetail(), EventOut(), DeadLetterOut()
-_FEATURE, _RULE, _AUDIT, _KEY, _WORKSPACE = FeatureOut(), RuleOut(), AuditOut(), KeyOut(), WorkspaceOut()
+_USER = UserOut()
 
 
 def user_json(user: User, aliases: list[str] | None = None) -> dict[str, Any]:
@@ -178,29 +178,11 @@ def user_json(user: User, aliases: list[str] | None = None) -> dict[str, Any]:
     return {**_USER.dump(user), "aliases": list(aliases)}
 
 
-def event_json(event: Event) -> dict[str, Any]:
-    return _EVENT.dump(event)
-
-
-def dead_letter_json(row: DeadLetter) -> dict[str, Any]:
-    return _DEAD.dump(row)
-
-
-def feature_json(feature: Feature) -> dict[str, Any]:
-    return _FEATURE.dump(feature)
-
-
-def rule_json(rule: Rule) -> dict[str, Any]:
-    return _RULE.dump(rule)
-
-
-def audit_json(row: Audit) -> dict[str, Any]:
-    return _AUDIT.dump(row)
-
-
-def key_json(row: ApiKey) -> dict[str, Any]:
-    return _KEY.dump(row)
-
-
-def workspace_json(row: Workspace) -> dict[str, Any]:
-    return _WORKSPACE.dump(row)
+# Row → JSON: each schema's dump (schemas hold no per-call state, so one instance serves all).
+event_json: Callable[[Event], dict[str, Any]] = EventOut().dump
+dead_letter_json: Callable[[DeadLetter], dict[str, Any]] = DeadLetterOut().dump
+feature_json: Callable[[Feature], dict[str, Any]] = FeatureOut().dump
+rule_json: Callable[[Rule], dict[str, Any]] = RuleOut().dump
+audit_json: Callable[[Audit], dict[str, Any]] = AuditOut().dump
+key_json: Callable[[ApiKey], dict[str, Any]] = KeyOut().dump
+workspace_json: Callable[[Workspace], dict[str, Any]] = WorkspaceOut().dump

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from sqlalchemy import func, select
 
 from kana.cli import main as cli
-from kana.dashboard import accounts, charts, timeline
+from kana.dashboard import charts, timeline
 from kana.db import SessionLocal
-from kana.domain import flags, identity, rules
+from kana.domain import accounts, flags, identity, rules
 from kana.ingest import spool
 from kana.models import ApiKey, Audit, DashboardAdmin, DeadLetter, Event, Feature, User, Workspace
 from tests.fakes import fake_stripe, worker_settings  # noqa: F401 - fixtures

@@ -47,9 +47,12 @@ class TopUsageOut(Schema):
     users = fields.List(fields.Nested(TopUser), required=True)
 
 
-def _check_range(args: dict[str, Any]) -> None:
+def _usage_query(schema: Schema) -> dict[str, Any]:
+    """The query of a usage endpoint, its from/to range checked."""
+    args = query(schema)
     if args["start"] is not None and args["end"] is not None and args["end"] <= args["start"]:
         raise field_error("to", "Must be later than 'from'.")
+    return args
 
 
 def _feature_exists(session: Session, workspace_id: int, feature_id: str) -> None:
@@ -81,10 +84,8 @@ def _series_range(session: Session, ws: int, kana_id: int, feature_id: str,
 @bp.get("/users/<int:kana_id>/usage")
 @doc("getUserUsage", "A user's usage of a feature: total and series", query=UsageQuery, response=UsageOut)
 def user_usage(kana_id: int) -> ResponseReturnValue:
-    args = query(UsageQuery())
-    _check_range(args)
-    ws = auth.workspace_id()
-    feature_id = args["feature"]
+    args = _usage_query(UsageQuery())
+    ws, feature_id = auth.workspace_id(), args["feature"]
     with SessionLocal.begin() as s:
         user_or_404(s, ws, kana_id)
         _feature_exists(s, ws, feature_id)
@@ -109,10 +110,8 @@ def user_usage(kana_id: int) -> ResponseReturnValue:
 @bp.get("/usage")
 @doc("topUsage", "Top users of a feature", query=TopUsageQuery, response=TopUsageOut)
 def top_usage() -> ResponseReturnValue:
-    args = query(TopUsageQuery())
-    _check_range(args)
-    ws = auth.workspace_id()
-    feature_id = args["feature"]
+    args = _usage_query(TopUsageQuery())
+    ws, feature_id = auth.workspace_id(), args["feature"]
     with SessionLocal.begin() as s:
         _feature_exists(s, ws, feature_id)
         total = ledger.total(s, ws, None, feature_id, args["start"], args["end"])

@@ -567,7 +567,7 @@ def admin() -> None:
               help="Prefer the prompt: a password given here stays in the shell history.")
 def admin_create(workspace_id: int, email: str, password: str | None) -> None:
     """Create a dashboard admin of a workspace (prompts for the password unless given)."""
-    from kana.dashboard import accounts
+    from kana.domain import accounts
 
     if password is None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
@@ -585,7 +585,7 @@ def admin_password(workspace_id: int, email: str, password: str | None) -> None:
     """Set a dashboard admin's password (ends their other sessions)."""
     from sqlalchemy import select
 
-    from kana.dashboard import accounts
+    from kana.domain import accounts
     from kana.models import DashboardAdmin
 
     if password is None:

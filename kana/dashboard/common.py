@@ -8,19 +8,29 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Response, abort, flash, g, jsonify, redirect, render_template, request, session, url_for
+from flask import Blueprint, Response, abort, flash, g, jsonify, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
+from flask_wtf.csrf import CSRFProtect
 from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
 from kana import errors
-from kana.dashboard import bp, csrf
 from kana.db import SessionLocal, read_only
 from kana.errors import KanaError
 from kana.models import DashboardAdmin, Workspace
 from kana.serializers import amount
+
+bp = Blueprint(
+    "dashboard",
+    __name__.rsplit(".", 1)[0],
+    url_prefix="/dashboard",
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+csrf = CSRFProtect()
 
 PUBLIC_ENDPOINTS = {"dashboard.login", "dashboard.static"}
 PAGE_SIZE = 50

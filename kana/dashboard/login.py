@@ -6,9 +6,9 @@ from flask import redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 
-from kana.dashboard import accounts, bp
-from kana.dashboard.common import current_admin, log_in, safe_next
+from kana.dashboard.common import bp, current_admin, log_in, safe_next
 from kana.db import SessionLocal
+from kana.domain import accounts
 from kana.runtime import current
 
 

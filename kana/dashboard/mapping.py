@@ -10,8 +10,7 @@ from flask import redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from werkzeug.datastructures import MultiDict
 
-from kana.dashboard import bp
-from kana.dashboard.common import back_to, notice, ws
+from kana.dashboard.common import back_to, bp, notice, ws
 from kana.db import SessionLocal
 from kana.domain import features, reprocess, rules
 from kana.models import Rule

@@ -11,8 +11,7 @@ from flask import Response, abort, jsonify, redirect, render_template, request, 
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
-from kana.dashboard import bp
-from kana.dashboard.common import PAGE_SIZE, actor, back_to, int_arg, notice, ws
+from kana.dashboard.common import PAGE_SIZE, actor, back_to, bp, int_arg, notice, ws
 from kana.db import SessionLocal, read_only
 from kana.domain import flags, keys
 from kana.imports import csvfile

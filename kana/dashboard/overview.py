@@ -11,9 +11,9 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session
 
+import kana.dashboard.charts as charts
 from kana import jobstate
-from kana.dashboard import bp, charts
-from kana.dashboard.common import back_to, ws
+from kana.dashboard.common import back_to, bp, ws
 from kana.db import SessionLocal
 from kana.domain import flags, ledger
 from kana.ingest import spool

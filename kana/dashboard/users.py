@@ -10,8 +10,9 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from kana.dashboard import bp, charts, timeline
-from kana.dashboard.common import PAGE_SIZE, actor, int_arg, int_list, notice, safe_next, ws
+import kana.dashboard.charts as charts
+import kana.dashboard.timeline as timeline
+from kana.dashboard.common import PAGE_SIZE, actor, bp, int_arg, int_list, notice, safe_next, ws
 from kana.db import SessionLocal
 from kana.domain import features, flags, identity, ledger
 from kana.models import Audit, DeadLetter, Event, FlagRefresh, Usage, User, utcnow
