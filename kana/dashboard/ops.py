@@ -69,6 +69,7 @@ def csv_import() -> ResponseReturnValue:
     if len(data) > limit:
         notice(too_big, "error")
         return redirect(url_for("dashboard.csv_page"))
+    back_to("dashboard.csv_page")
     try:
         import_id, _ = import_actions.start_csv(current(), ws(), upload.filename, data, actor=actor())
     except csvfile.CsvError as exc:
