@@ -17,6 +17,7 @@ from kana.db import SessionLocal
 from kana.domain import features, ledger
 from kana.errors import NotFound, field_error
 from kana.serializers import UsageOut, amount, iso
+from kana.services import features as feature_actions
 
 
 class UsageQuery(StrictSchema):
@@ -56,9 +57,10 @@ def _usage_query(schema: Schema) -> dict[str, Any]:
 
 
 def _feature_exists(session: Session, workspace_id: int, feature_id: str) -> None:
-    valid = features.SLUG.fullmatch(feature_id) is not None
-    if not valid or features.get_feature(session, workspace_id, feature_id) is None:
-        raise NotFound(f"No feature {feature_id!r} in this workspace.", {"feature": ["Unknown feature."]})
+    try:
+        feature_actions.require(session, workspace_id, feature_id)
+    except features.FeatureNotFound as exc:
+        raise NotFound(exc.message, {"feature": ["Unknown feature."]}) from None
 
 
 def _series_range(session: Session, ws: int, kana_id: int, feature_id: str,

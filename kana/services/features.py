@@ -11,7 +11,8 @@ from kana.serializers import feature_json
 from kana.services.rules import reprocess_after
 
 
-def _exists(session: Any, workspace_id: int, feature_id: str) -> None:
+def require(session: Any, workspace_id: int, feature_id: str) -> None:
+    """FeatureNotFound unless the workspace has this feature."""
     # Anything but a slug cannot be a feature id (and may not even be storable text).
     if features.SLUG.fullmatch(feature_id) is None or features.get_feature(session, workspace_id, feature_id) is None:
         raise features.FeatureNotFound(feature_id)
@@ -19,7 +20,7 @@ def _exists(session: Any, workspace_id: int, feature_id: str) -> None:
 
 def get(workspace_id: int, feature_id: str) -> dict[str, Any]:
     with SessionLocal.begin() as s:
-        _exists(s, workspace_id, feature_id)
+        require(s, workspace_id, feature_id)
         return feature_json(features.get_feature(s, workspace_id, feature_id))
 
 
@@ -38,7 +39,7 @@ def create(rt: Runtime, workspace_id: int, feature_id: str, name: str | None, ki
 
 def update(workspace_id: int, feature_id: str, *, name: str | None, kind: str | None) -> dict[str, Any]:
     with SessionLocal.begin() as s:
-        _exists(s, workspace_id, feature_id)
+        require(s, workspace_id, feature_id)
         return feature_json(features.update_feature(s, workspace_id, feature_id, name=name, type=kind))
 
 
@@ -46,5 +47,5 @@ def delete(workspace_id: int, feature_id: str, *, force: bool = False) -> None:
     """Delete a feature (with ``force``: and its usage). No reprocessing: a feature re-created later picks
     its events up again."""
     with SessionLocal.begin() as s:
-        _exists(s, workspace_id, feature_id)
+        require(s, workspace_id, feature_id)
         features.delete_feature(s, workspace_id, feature_id, force=force)
