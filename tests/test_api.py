@@ -756,3 +756,21 @@ def test_buckets_are_zero_filled_and_aligned(window):
     assert points[0] == ledger.floor(start, window)
     assert all(a < b for a, b in zip(points, points[1:], strict=False))
     assert {"hour": 73, "day": 4, "month": 2}[window] == len(points)
+
+
+def test_outages_and_domain_errors_map_to_one_error_model():
+    from sqlalchemy.exc import OperationalError
+
+    from kana import errors
+    from kana.domain import features, rules
+
+    redis_down = errors.classify(RedisConnectionError("gone"))
+    assert (redis_down.status, redis_down.code) == (503, "unavailable") and "Redis" in redis_down.text
+    db_down = errors.classify(OperationalError("SELECT 1", {}, Exception("connection refused")))
+    assert (db_down.status, db_down.code) == (503, "unavailable") and "database" in db_down.text
+    assert errors.classify(ValueError("a bug")) is None
+    missing = errors.classify(rules.RuleNotFound(7))
+    assert missing.body() == {"code": "not_found", "message": "No rule 7 in this workspace."}
+    duplicate = features.DuplicateFeature("id", "feature 'x' already exists")
+    assert (duplicate.status, duplicate.code) == (409, "conflict")
+    assert duplicate.errors == {"id": ["feature 'x' already exists"]}

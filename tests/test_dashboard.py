@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import func, select
 
 from kana.cli import main as cli
@@ -596,6 +597,27 @@ def test_dead_letter_retry_requeues_the_call(browser, admin, redis, runtime):
     with SessionLocal() as s:
         assert s.get(DeadLetter, dead_id) is None
     assert spool.depth(redis, runtime.settings.partitions) == 1
+
+
+def test_dead_letter_retry_with_redis_down_keeps_the_row_and_says_so(browser, admin, monkeypatch):
+    with SessionLocal.begin() as s:
+        row = DeadLetter(workspace_id=admin.workspace_id, message_id="m-kept", user_id="u-kept", error="boom",
+                         payload={"type": "track", "userId": "u-kept", "messageId": "m-kept", "event": "E"})
+        s.add(row)
+        s.flush()
+        dead_id = row.id
+    token_page = "/dashboard/events/failed"
+    browser.get(token_page)
+
+    def down(*args, **kwargs):
+        raise RedisConnectionError("redis is gone")
+
+    monkeypatch.setattr(spool, "push", down)
+    resp = post(browser, f"/dashboard/events/failed/{dead_id}/retry", token_from=token_page)
+    assert resp.status_code == 302 and resp.location.endswith("/dashboard/events/failed")
+    assert "unreachable" in text(browser.get(resp.location))
+    with SessionLocal() as s:
+        assert s.get(DeadLetter, dead_id) is not None
 
 
 def test_keys_are_shown_once_listed_by_prefix_and_revocable(browser, admin):
