@@ -8,6 +8,10 @@ them one by one: the API as ``{"code", "message", "errors"?}`` with the status
 (``kana.dashboard.common``), the CLI as a message and an exit code (``kana.cli``).
 ``classify`` is the one place where Redis and database outages become an
 ``Unavailable`` error. This module has no Flask or click dependency: domain code imports it.
+
+Domain errors keep their built-in base too (``ValueError``, ``LookupError``):
+the pipeline's processor tells a data problem (dead-letter the call) from an
+outage by those.
 """
 
 from __future__ import annotations

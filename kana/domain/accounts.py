@@ -30,7 +30,7 @@ MAX_PASSWORD = 1024
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
-class AdminError(KanaError):
+class AdminError(KanaError, ValueError):
     """Invalid admin data; ``field`` names what is wrong."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -38,7 +38,7 @@ class AdminError(KanaError):
         self.field = field
 
 
-class AmbiguousLogin(KanaError):
+class AmbiguousLogin(KanaError, LookupError):
     """The email and password fit admins of several workspaces: the workspace must be named."""
 
 

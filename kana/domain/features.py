@@ -17,7 +17,7 @@ SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,99}")
 TYPES = ("consumable", "binary")
 
 
-class FeatureError(KanaError):
+class FeatureError(KanaError, ValueError):
     """Invalid feature data; ``field`` names the offending field, ``message`` what is wrong with it."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -33,14 +33,14 @@ class DuplicateFeature(FeatureError):
     code = "conflict"
 
 
-class FeatureNotFound(NotFound):
+class FeatureNotFound(NotFound, LookupError):
     """No feature with this id in the workspace."""
 
     def __init__(self, feature_id: str) -> None:
         super().__init__(f"No feature {feature_id!r} in this workspace.")
 
 
-class FeatureInUse(Conflict):
+class FeatureInUse(Conflict, ValueError):
     """The feature has recorded usage; deleting it needs ``force``."""
 
 

@@ -21,7 +21,7 @@ FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "grou
 CHUNK = 500
 
 
-class Conflict(errors.Conflict):
+class Conflict(errors.Conflict, ValueError):
     """The change would break a uniqueness rule (e.g. a user_id already in use)."""
 
 

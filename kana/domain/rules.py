@@ -63,7 +63,7 @@ PATH_MESSAGE = "must be a property name or a dot path such as plan.tier (non-emp
 # --- errors -------------------------------------------------------------------
 
 
-class RuleError(KanaError):
+class RuleError(KanaError, ValueError):
     """Invalid rule data; ``errors`` maps dotted field names (``conditions.0.value``) to messages."""
 
     def __init__(self, errors: dict[str, list[str]]) -> None:
@@ -71,7 +71,7 @@ class RuleError(KanaError):
                                                       for k, v in errors.items()), errors)
 
 
-class RuleNotFound(NotFound):
+class RuleNotFound(NotFound, LookupError):
     """No rule with this id in the workspace."""
 
     def __init__(self, rule_id: int) -> None:

@@ -55,7 +55,7 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 _NUMBER = re.compile(r"\d+")
 
 
-class CsvError(KanaError):
+class CsvError(KanaError, ValueError):
     """The file as a whole can't be imported; the message says why and where."""
 
     code = "invalid_csv"

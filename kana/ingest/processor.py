@@ -211,7 +211,7 @@ def dead_letter(session: Session, call: dict, error: BaseException) -> None:
     session.flush()
 
 
-class NotRetryable(KanaError):
+class NotRetryable(KanaError, ValueError):
     """A dead letter without the userId or messageId a queued call needs."""
 
     status = 409
