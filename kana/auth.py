@@ -14,8 +14,9 @@ import threading
 import time
 from typing import Any
 
-from flask import current_app, g, request
+from flask import g, request
 
+from kana import runtime
 from kana.db import SessionLocal, read_only
 from kana.domain import keys
 from kana.domain.keys import Principal
@@ -46,7 +47,7 @@ def key_from_header(header: str | None) -> str | None:
 
 
 def principal_for(key: str) -> Principal | None:
-    ttl = current_app.extensions["kana"].settings.key_cache_ttl
+    ttl = runtime.current().settings.key_cache_ttl
     now = time.monotonic()
     with _cache_lock:
         hit = _cache.get(key)

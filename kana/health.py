@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from kana import metrics
+from kana import metrics, runtime
 from kana.db import SessionLocal
 
 bp = Blueprint("health", __name__)
@@ -31,7 +31,7 @@ def _check_database() -> str | None:
 
 def _check_redis() -> str | None:
     try:
-        current_app.extensions["kana"].redis.ping()
+        runtime.current().redis.ping()
     except (RedisError, OSError) as exc:
         return f"unreachable: {type(exc).__name__}"
     return None
@@ -55,6 +55,6 @@ def readyz() -> tuple[Response, int]:
 
 @bp.get("/metrics")
 def metrics_endpoint() -> Response:
-    runtime = current_app.extensions["kana"]
-    body = metrics.render(runtime.redis, runtime.settings.partitions)
+    rt = runtime.current()
+    body = metrics.render(rt.redis, rt.settings.partitions)
     return Response(body, status=200, content_type=metrics.CONTENT_TYPE)

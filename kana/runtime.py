@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from flask import Flask, current_app
 from redis import Redis
 from rq import Queue
 
@@ -31,3 +32,22 @@ class Runtime:
     def enqueue_drains(self, partitions: list[int]) -> int:
         """Drain jobs for the partitions whose wake flag ``queue.push`` raised."""
         return broker.enqueue_drains(self.redis, self.settings, partitions)
+
+
+EXTENSION = "kana"
+
+
+def install(app: Flask, runtime: Runtime) -> Runtime:
+    """Make ``runtime`` the app's, for ``current()``."""
+    app.extensions[EXTENSION] = runtime
+    return runtime
+
+
+def of(app: Flask) -> Runtime:
+    """The Runtime ``install`` gave ``app``."""
+    return app.extensions[EXTENSION]
+
+
+def current() -> Runtime:
+    """The Runtime of the app handling this request (or whose app context is pushed)."""
+    return of(current_app)

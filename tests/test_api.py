@@ -13,7 +13,7 @@ from openapi_spec_validator import validate
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select
 
-from kana.api import users as api
+from kana.api.common import encode_cursor
 from kana.db import SessionLocal
 from kana.domain import flags, identity, ledger
 from kana.ingest import spool
@@ -82,7 +82,7 @@ def assert_invalid(resp, field: str) -> None:
     assert field in body["message"], body
 
 
-API_BLUEPRINTS = ("api.", "rules_api.", "ops_api.")
+API_BLUEPRINTS = ("api.",)
 
 
 def api_rules(app) -> list:
@@ -249,7 +249,7 @@ def test_list_users_paginates_with_cursors(client, workspace, new_workspace):
     assert seen == sorted(ids) and pages == 3
 
     assert_invalid(get(client, workspace, "/api/v1/users?cursor=garbage!"), "cursor")
-    assert_invalid(get(client, workspace, f"/api/v1/users?cursor={api.encode_cursor(2**70)}"), "cursor")
+    assert_invalid(get(client, workspace, f"/api/v1/users?cursor={encode_cursor(2**70)}"), "cursor")
     assert_invalid(get(client, workspace, "/api/v1/users?limit=0"), "limit")
     assert_invalid(get(client, workspace, "/api/v1/users?limit=abc"), "limit")
     assert_invalid(get(client, workspace, "/api/v1/users?emial=x@y.z"), "emial")
@@ -625,7 +625,7 @@ def test_retry_keeps_the_row_when_redis_is_down(client, workspace, monkeypatch):
     def down(*args, **kwargs):
         raise RedisConnectionError("redis is gone")
 
-    monkeypatch.setattr(api.spool, "push", down)
+    monkeypatch.setattr(spool, "push", down)
     resp = post(client, workspace, f"/api/v1/events/failed/{dead}/retry")
     assert resp.status_code == 503 and resp.get_json()["code"] == "unavailable"
     assert count(DeadLetter, workspace.id) == 1
@@ -743,3 +743,21 @@ def test_buckets_are_zero_filled_and_aligned(window):
     assert points[0] == ledger.floor(start, window)
     assert all(a < b for a, b in zip(points, points[1:], strict=False))
     assert {"hour": 73, "day": 4, "month": 2}[window] == len(points)
+
+
+def test_outages_and_domain_errors_map_to_one_error_model():
+    from sqlalchemy.exc import OperationalError
+
+    from kana import errors
+    from kana.domain import features, rules
+
+    redis_down = errors.classify(RedisConnectionError("gone"))
+    assert (redis_down.status, redis_down.code) == (503, "unavailable") and "Redis" in redis_down.text
+    db_down = errors.classify(OperationalError("SELECT 1", {}, Exception("connection refused")))
+    assert (db_down.status, db_down.code) == (503, "unavailable") and "database" in db_down.text
+    assert errors.classify(ValueError("a bug")) is None
+    missing = errors.classify(rules.RuleNotFound(7))
+    assert missing.body() == {"code": "not_found", "message": "No rule 7 in this workspace."}
+    duplicate = features.DuplicateFeature("id", "feature 'x' already exists")
+    assert (duplicate.status, duplicate.code) == (409, "conflict")
+    assert duplicate.errors == {"id": ["feature 'x' already exists"]}

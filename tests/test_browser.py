@@ -16,9 +16,8 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from kana.dashboard import accounts
 from kana.db import SessionLocal, read_only
-from kana.domain import identity
+from kana.domain import accounts, identity
 from kana.models import Audit, Event, User
 from tests.helpers import make_user
 

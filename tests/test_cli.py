@@ -100,6 +100,12 @@ def test_rule_create_with_redis_down_is_saved_and_says_reprocessing_was_not_queu
         assert s.scalar(select(func.count()).select_from(Rule).where(Rule.workspace_id == workspace.id)) == 1
 
 
+def test_queueing_with_redis_down_exits_75_and_says_why(kana, workspace):
+    result = kana("reprocess", "--workspace", workspace.id, "--async", REDIS_URL="redis://127.0.0.1:1/0")
+    assert result.exit_code == 75, result.output
+    assert "Redis" in result.output and "unreachable" in result.output
+
+
 def test_feature_update_name_and_type(kana, workspace):
     assert kana("feature", "create", "--workspace", workspace.id, "sso", "--name", "SSO",
                 "--type", "binary").exit_code == 0

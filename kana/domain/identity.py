@@ -17,6 +17,7 @@ from datetime import datetime
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from kana import errors
 from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
 
 # Fields a merge fills from the merged-away users when the survivor lacks them.
@@ -24,7 +25,7 @@ FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "grou
 CHUNK = 500
 
 
-class Conflict(ValueError):
+class Conflict(errors.Conflict, ValueError):
     """The change would break a uniqueness rule (e.g. a user_id already in use)."""
 
 

@@ -36,6 +36,7 @@ from kana import db
 from kana.domain import flags, identity
 from kana.domain.billing import check_billing_id, provider_of
 from kana.domain.ids import user_id_problem
+from kana.errors import KanaError
 from kana.models import CsvImport, User, Workspace, utcnow
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,13 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 _NUMBER = re.compile(r"\d+")
 
 
-class CsvError(ValueError):
+class CsvError(KanaError, ValueError):
     """The file as a whole can't be imported; the message says why and where."""
 
+    code = "invalid_csv"
+
     def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, {"file": message, **({"line": line} if line is not None else {})})
         self.line = line
 
 

@@ -28,6 +28,7 @@ from config import Settings
 from kana import db
 from kana.domain import identity
 from kana.domain.billing import check_billing_id
+from kana.errors import KanaError
 from kana.models import User, Workspace
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ CHUNK = 500
 RATE_LIMIT_RETRIES = 5
 
 
-class ImportFailed(Exception):
+class ImportFailed(KanaError):
     """The provider refused or could not be reached; the message says what to do."""
+
+    code = "not_configured"
 
 
 @dataclass(frozen=True)
