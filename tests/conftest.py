@@ -28,6 +28,7 @@ from kana import auth, broker, migrate
 from kana.db import SessionLocal, get_engine
 from kana.domain import keys
 from kana.ingest import spool
+from kana.runtime import of as runtime_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +84,7 @@ def app(settings: config.Settings):
 
 @pytest.fixture
 def runtime(app):
-    return app.extensions["kana"]
+    return runtime_of(app)
 
 
 @pytest.fixture
