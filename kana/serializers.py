@@ -121,4 +121,6 @@ def workspace_json(row: Workspace) -> dict[str, Any]:
         "stripe_api_key_set": bool(row.stripe_api_key),
         "chargebee_site": row.chargebee_site,
         "chargebee_api_key_set": bool(row.chargebee_api_key),
+        "segment_shared_secret_set": bool(row.segment_shared_secret),
+        "keep_ip": bool(row.keep_ip),
     }

@@ -154,6 +154,8 @@ class WorkspaceOut(Schema):
     stripe_api_key_set = fields.Boolean(required=True)
     chargebee_site = _nullable_str(required=True)
     chargebee_api_key_set = fields.Boolean(required=True)
+    segment_shared_secret_set = fields.Boolean(required=True)
+    keep_ip = fields.Boolean(required=True)
 
 
 class AuditOut(Schema):

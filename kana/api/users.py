@@ -28,6 +28,7 @@ from kana import auth, jobstate
 from kana.api import rules as api_rules
 from kana.db import SessionLocal
 from kana.domain import features, flags, identity, keys, ledger
+from kana.domain import workspace as workspaces
 from kana.domain.billing import check_billing_id, provider_of
 from kana.domain.ids import MAX_ID, user_id_problem
 from kana.errors import ApiError, json_object, unavailable
@@ -158,6 +159,10 @@ class WorkspaceUpdate(StrictSchema):
     stripe_api_key = fields.String(allow_none=True, validate=[_no_nul, validate.Length(max=500)])
     chargebee_site = fields.String(allow_none=True, validate=[_no_nul, validate.Length(max=200)])
     chargebee_api_key = fields.String(allow_none=True, validate=[_no_nul, validate.Length(max=500)])
+    segment_shared_secret = fields.String(allow_none=True, validate=[_no_nul, validate.Length(max=500)], metadata={
+        "description": "Segment's shared secret: /segment/{workspace_id} then accepts requests signed with it "
+                       "(X-Signature). Write-only; null or blank removes it."})
+    keep_ip = fields.Boolean(metadata={"description": "keep context.ip of events (off by default)"})
 
 
 class KeyCreate(StrictSchema):
@@ -635,13 +640,10 @@ def get_workspace() -> ResponseReturnValue:
 def update_workspace() -> ResponseReturnValue:
     data = _body(WorkspaceUpdate())
     with SessionLocal.begin() as s:
-        row = s.get(Workspace, auth.workspace_id())
-        for field, value in data.items():
-            if isinstance(value, str):
-                value = value.strip() or None
-            if field == "name" and value is None:
-                raise field_error("name", "Must not be blank.")
-            setattr(row, field, value)
+        try:
+            row = workspaces.update(s, auth.workspace_id(), data)
+        except workspaces.SettingError as exc:
+            raise field_error(exc.field, exc.message) from None
         body = workspace_json(row)
     # Cached principals carry billing_provider: drop them so the receiver
     # validates billing ids against the new setting at once.
