@@ -70,6 +70,38 @@ def workspace_create(name: str, billing_provider: str | None, as_json: bool) -> 
         click.echo(f"workspace {ws_id} created; admin API key (shown once): {key}")
 
 
+@workspace.command("update")
+@click.option("--workspace", "workspace_id", type=int, required=True)
+@click.option("--name", default=None)
+@click.option("--segment-shared-secret", default=None, metavar="SECRET",
+              help="Segment's shared secret for /segment/{workspace_id} signing; '-' reads it from stdin "
+                   "(keeps it out of the shell history), '' removes it.")
+@click.option("--keep-ip/--no-keep-ip", default=None, help="Keep context.ip of events (off by default).")
+def workspace_update(workspace_id: int, name: str | None, segment_shared_secret: str | None,
+                     keep_ip: bool | None) -> None:
+    """Change workspace settings (the shared secret is never printed)."""
+    from kana.domain import workspace as workspaces
+
+    changes: dict[str, object] = {}
+    if name is not None:
+        changes["name"] = name
+    if segment_shared_secret is not None:
+        changes["segment_shared_secret"] = (sys.stdin.readline() if segment_shared_secret == "-"
+                                            else segment_shared_secret)
+    if keep_ip is not None:
+        changes["keep_ip"] = keep_ip
+    if not changes:
+        raise click.UsageError("nothing to change: give --name, --segment-shared-secret or --keep-ip/--no-keep-ip")
+    with _session().begin() as s:
+        try:
+            row = workspaces.update(s, workspace_id, changes)
+        except workspaces.SettingError as exc:
+            raise click.ClickException(exc.message) from None
+        state = {"shared secret": "set" if row.segment_shared_secret else "not set", "keep_ip": row.keep_ip}
+    # Running web processes pick the change up within the key cache TTL.
+    click.echo(f"workspace {workspace_id} updated ({', '.join(f'{k}: {v}' for k, v in state.items())})")
+
+
 @main.group()
 def key() -> None:
     """API keys."""

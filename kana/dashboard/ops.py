@@ -20,6 +20,7 @@ from kana.dashboard import bp
 from kana.dashboard.common import PAGE_SIZE, actor, int_arg, notice, runtime, ws
 from kana.db import SessionLocal, read_only
 from kana.domain import flags, keys
+from kana.domain import workspace as workspaces
 from kana.imports import csvfile, customers
 from kana.ingest import processor
 from kana.models import CsvImport, DeadLetter, Event, Workspace
@@ -291,19 +292,19 @@ def save_settings() -> ResponseReturnValue:
     if name is None:
         notice("The workspace name must not be blank.", "error")
         return redirect(url_for("dashboard.settings_page"))
+    changes: dict[str, object] = {"name": name, "billing_provider": provider,
+                                  "chargebee_site": _text_field("chargebee_site", 200),
+                                  "keep_ip": bool(request.form.get("keep_ip"))}
+    # Secrets are write-only: a blank field keeps the stored one; the checkbox removes it.
+    for secret in ("stripe_api_key", "chargebee_api_key", "segment_shared_secret"):
+        value = _text_field(secret, 500)
+        if request.form.get(f"clear_{secret}"):
+            changes[secret] = None
+        elif value is not None:
+            changes[secret] = value
     with SessionLocal.begin() as s:
-        row = s.get(Workspace, ws())
-        row.name = name
-        row.billing_provider = provider
-        row.chargebee_site = _text_field("chargebee_site", 200)
-        # Secrets are write-only: a blank field keeps the stored one; the checkbox removes it.
-        for secret in ("stripe_api_key", "chargebee_api_key"):
-            value = _text_field(secret, 500)
-            if request.form.get(f"clear_{secret}"):
-                setattr(row, secret, None)
-            elif value is not None:
-                setattr(row, secret, value)
-    # Cached principals carry billing_provider: the receiver validates against the new one at once.
+        workspaces.update(s, ws(), changes)
+    # Cached principals carry billing_provider, keep_ip and the shared secret: the receiver uses the new ones at once.
     auth.clear_cache()
     notice("Settings saved.")
     return redirect(url_for("dashboard.settings_page"))

@@ -8,8 +8,9 @@ from sqlalchemy.orm import Session
 
 from kana.models import Workspace
 
-# Text settings; a blank value clears them (except the name, which must stay set).
-TEXT = ("name", "billing_provider", "stripe_api_key", "chargebee_site", "chargebee_api_key", "segment_shared_secret")
+# Text settings and their longest values; a blank value clears them (except the name, which must stay set).
+TEXT = {"name": 200, "billing_provider": 20, "stripe_api_key": 500, "chargebee_site": 200, "chargebee_api_key": 500,
+        "segment_shared_secret": 500}
 FLAGS = ("keep_ip",)
 
 
@@ -21,7 +22,7 @@ class SettingError(ValueError):
 
 
 def update(session: Session, workspace_id: int, changes: dict[str, Any]) -> Workspace:
-    """Apply ``changes`` (already validated for type and length by the surface) to the workspace.
+    """Apply ``changes`` (strings, booleans or None, as the surface read them) to the workspace.
 
     Callers drop the receiver's cached principals afterwards (``kana.auth.clear_cache``):
     they carry billing_provider, keep_ip and the shared secret.
@@ -39,5 +40,8 @@ def update(session: Session, workspace_id: int, changes: dict[str, Any]) -> Work
             value = value.strip() or None
         if field == "name" and value is None:
             raise SettingError("name", "Must not be blank.")
+        if value is not None and ("\x00" in value or len(value) > TEXT[field]):
+            # PostgreSQL text cannot hold U+0000.
+            raise SettingError(field, f"Must be at most {TEXT[field]} characters, without NUL (\\u0000).")
         setattr(row, field, value)
     return row
