@@ -409,7 +409,8 @@ def _many(items: Iterable, req: _Request, kind_of_list: str, limit: int) -> Resp
                              "message": exc.message, "errors": exc.errors or {"_call": [exc.message]}})
             continue
         # Serialised at once: the parsed call can be freed before the next is read.
-        events.append(spool.Encoded(event["ws"], event["userId"], spool.dumps(event)))
+        # Bytes: redis-py sends them as they are instead of encoding another copy.
+        events.append(spool.Encoded(event["ws"], event["userId"], spool.dumps(event).encode()))
         types[event["type"]] += 1
     if not count:
         metrics.count_rejected("invalid_batch")
@@ -563,7 +564,10 @@ def _segment(workspace_id: int | None) -> Response:
     if body is not None:
         return _single(body, None, _Request(principal, text, measure=False))
     req = _Request(principal, data, measure=len(data) > settings.max_call_bytes)
-    return _many(_array_items(data, exact=req.check_strings), req, "array", settings.max_segment_items)
+    items = _array_items(data, exact=req.check_strings)
+    # The parser is the body's last holder: it is freed once the last item is read, before the push.
+    del data
+    return _many(items, req, "array", settings.max_segment_items)
 
 
 @bp.post("/segment")

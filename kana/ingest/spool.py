@@ -94,12 +94,12 @@ def dumps(event: dict) -> str:
 
 
 class Encoded(NamedTuple):
-    """An event already serialised by ``dumps``: the receiver encodes a big array's
+    """An event already serialised (``dumps``, UTF-8): the receiver encodes a big array's
     events as it parses them, so it never holds them all as Python objects."""
 
     ws: int
     userId: str  # noqa: N815 - the queued event's field name
-    text: str
+    data: bytes
 
 
 def push(redis: Redis, events: Iterable[dict | Encoded], partitions: int, *, requeue: bool = False) -> list[int]:
@@ -118,9 +118,9 @@ def push(redis: Redis, events: Iterable[dict | Encoded], partitions: int, *, req
     touched: dict[int, None] = {}
     per_ws: Counter[int] = Counter()
     for event in events:
-        ws, user_id, text = event if isinstance(event, Encoded) else (event["ws"], event["userId"], dumps(event))
+        ws, user_id, data = event if isinstance(event, Encoded) else (event["ws"], event["userId"], dumps(event))
         p = partition_of(ws, user_id, partitions)
-        pipe.rpush(queue_key(p), text)
+        pipe.rpush(queue_key(p), data)
         touched[p] = None
         per_ws[ws] += 1
     for ws, n in per_ws.items():
