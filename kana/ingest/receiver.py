@@ -495,10 +495,15 @@ def _array_items(data: bytearray, exact: bool) -> Iterator[Any]:
     try:
         yield from backend.items(stream, "item", use_float=True)
     except ijson.JSONError as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {detail}.") from None
+        raise _not_json(exc) from None
     except UnicodeDecodeError as exc:
         raise ApiError(400, "invalid_json", f"The request body is not UTF-8 ({exc.reason}).") from None
+
+
+def _not_json(exc: Exception) -> ApiError:
+    # yajl's message is several lines (a picture of where); the first says what.
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ApiError(400, "invalid_json", f"The request body is not valid JSON: {detail}.")
 
 
 class _Reader:
@@ -529,8 +534,7 @@ def _segment_principal(workspace_id: int | None, data: bytearray, body: dict | N
             try:
                 body = {"writeKey": _first_write_key(data)}
             except ijson.JSONError as exc:
-                detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {detail}.") from None
+                raise _not_json(exc) from None
         return _principal(body)
     signature = request.headers.get("X-Signature")
     if signature is None and key_from_header(request.headers.get("Authorization")) is not None:
