@@ -99,7 +99,7 @@ class Encoded(NamedTuple):
 
     ws: int
     userId: str  # noqa: N815 - the queued event's field name
-    data: bytes
+    data: bytes | memoryview
 
 
 def push(redis: Redis, events: Iterable[dict | Encoded], partitions: int, *, requeue: bool = False) -> list[int]:
