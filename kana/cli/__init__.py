@@ -265,9 +265,10 @@ def feature_delete(workspace_id: int, feature_id: str, force: bool) -> None:
 @click.option("--workers", default=2, show_default=True)
 def dev(port: int, workers: int) -> None:
     """Run web + workers + scheduler on this machine (embedded SQLite/Redis by default)."""
-    from kana.cli import dev
+    # By its full name: in this package ``dev`` is this command, not the module.
+    from kana.cli.dev import run as run_stack
 
-    sys.exit(dev.run(_settings(), port=port, workers=workers))
+    sys.exit(run_stack(_settings(), port=port, workers=workers))
 
 
 @main.command()
