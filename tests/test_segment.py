@@ -153,7 +153,7 @@ def test_item_with_another_workspaces_key_is_rejected_alone(client, workspace, n
     for i, call in enumerate(calls):
         call["messageId"] = f"wk-{i}-{uuid.uuid4().hex}"
     calls[0]["writeKey"] = other.ingest_key          # another workspace's key: rejected
-    calls[1]["writeKey"] = "not-a-kana-key"           # the Segment source's key: ignored
+    calls[1]["writeKey"] = "kana_i_not-issued-here"   # looks like ours, is no key here: ignored
     calls[2]["writeKey"] = workspace.ingest_key       # this workspace's own key: fine
     body = calls if path == "/segment" else {"batch": calls}
     resp = client.post(path, json=body, headers=workspace.headers)

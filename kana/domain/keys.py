@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 from kana.models import ApiKey, Workspace, utcnow
 
 SCOPES = ("ingest", "admin")
+# Every key this installation issues starts with it (``kana_i_…`` ingest, ``kana_a_…`` admin).
+KEY_PREFIX = "kana_"
 BILLING_PROVIDERS = ("stripe", "chargebee")
 
 
@@ -45,7 +47,7 @@ def create_workspace(session: Session, name: str, billing_provider: str | None =
 def create_key(session: Session, workspace_id: int, scope: str, name: str | None = None) -> tuple[ApiKey, str]:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
-    key = f"kana_{scope[0]}_{secrets.token_urlsafe(32)}"
+    key = f"{KEY_PREFIX}{scope[0]}_{secrets.token_urlsafe(32)}"
     row = ApiKey(workspace_id=workspace_id, key_hash=hash_key(key), prefix=key[:12], scope=scope, name=name)
     session.add(row)
     session.flush()

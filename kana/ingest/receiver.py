@@ -59,7 +59,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from kana import metrics
 from kana.auth import authenticate, key_from_header, principal_for, verify_signature
 from kana.domain.ids import MAX_ID
-from kana.domain.keys import Principal
+from kana.domain.keys import KEY_PREFIX, Principal
 from kana.errors import ApiError
 from kana.ingest import spool
 from kana.ingest.schemas import (
@@ -232,7 +232,8 @@ def _principal(body: Any) -> Principal:
 def _foreign_key(call: dict, req: _Request) -> bool:
     """Whether the call carries another workspace's API key as its ``writeKey``."""
     key = call.get("writeKey")
-    if not isinstance(key, str) or not key:
+    # A Segment source's own key (what forwarded events carry) is never one of ours: no lookup.
+    if not isinstance(key, str) or not key.startswith(KEY_PREFIX):
         return False
     if key not in req.item_keys:
         try:
