@@ -31,6 +31,10 @@ class Settings:
     max_call_bytes: int = 32 * 1024
     max_batch_bytes: int = 500 * 1024
     max_batch_items: int = 2500
+    # /segment takes what Segment's Webhooks (Actions) destination sends: arrays
+    # of up to 4,000 events (its largest batch size) in bodies of several MB.
+    max_segment_bytes: int = 16 * 1024 * 1024
+    max_segment_items: int = 4000
     max_depth: int = 32
     key_cache_ttl: float = 10.0
     stripe_api_base: str | None = None
@@ -70,6 +74,8 @@ def load(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         lock_ttl=float(env.get("KANA_LOCK_TTL", 30)),
         recover_interval=int(env.get("KANA_RECOVER_INTERVAL", 30)),
         flags_interval=int(env.get("KANA_FLAGS_INTERVAL", 300)),
+        max_segment_bytes=int(env.get("KANA_SEGMENT_MAX_BYTES", 16 * 1024 * 1024)),
+        max_segment_items=int(env.get("KANA_SEGMENT_MAX_ITEMS", 4000)),
         key_cache_ttl=float(env.get("KANA_KEY_CACHE_TTL", 10)),
         stripe_api_base=env.get("STRIPE_API_BASE") or None,
         stripe_api_key=env.get("STRIPE_API_KEY") or None,

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -82,6 +83,11 @@ class Workspace(Base):
     stripe_api_key: Mapped[str | None] = mapped_column(Text)
     chargebee_site: Mapped[str | None] = mapped_column(String(200))
     chargebee_api_key: Mapped[str | None] = mapped_column(Text)
+    # Segment's "shared secret": /segment/{id} verifies X-Signature (HMAC-SHA1 of
+    # the body) with it, so it is kept in clear like the billing API keys.
+    segment_shared_secret: Mapped[str | None] = mapped_column(Text)
+    # Keep context.ip of events (personal data: off unless the workspace opts in).
+    keep_ip: Mapped[bool] = mapped_column(default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -121,6 +127,9 @@ class User(Base):
     group_id: Mapped[str | None] = mapped_column(Text)
     group_name: Mapped[str | None] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(20))  # segment|stripe|chargebee|csv|api
+    # context.locale / context.timezone of the newest identify (SPEC §3).
+    locale: Mapped[str | None] = mapped_column(String(100))
+    timezone: Mapped[str | None] = mapped_column(String(100))
     # Timestamp of the newest identify applied: older ones only fill blanks.
     traits_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -157,6 +166,12 @@ class Event(Base):
     timestamp: Mapped[datetime]
     received_at: Mapped[datetime]
     properties: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # What Segment sent about the call: the kept part of ``context`` (library,
+    # locale, timezone, userAgent, page, campaign; ip when the workspace keeps
+    # IPs) and the sender's originalTimestamp / sentAt / receivedAt (Kana's own
+    # receipt time is received_at). NULL when the call carried none.
+    context: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    timestamps: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # processed (identify/group/alias), mapped or unmapped (track/page/screen)
     status: Mapped[str] = mapped_column(String(20))
     reason: Mapped[str | None] = mapped_column(Text)

@@ -154,6 +154,9 @@ class WorkspaceOut(Schema):
     chargebee_site = _nullable_str(required=True)
     chargebee_api_key_set = fields.Function(lambda w: bool(w.chargebee_api_key), required=True,
                                             metadata={"type": "boolean"})
+    segment_shared_secret_set = fields.Function(lambda w: bool(w.segment_shared_secret), required=True,
+                                                metadata={"type": "boolean"})
+    keep_ip = fields.Boolean(required=True)
 
 
 class SeriesPoint(Schema):

@@ -674,16 +674,22 @@ def test_job_status(client, workspace, new_workspace, runtime, work):
 def test_workspace_settings_never_echo_secrets(client, workspace):
     body = get(client, workspace, "/api/v1/workspace").get_json()
     assert body == {"id": workspace.id, "name": "test", "billing_provider": None, "stripe_api_key_set": False,
-                    "chargebee_site": None, "chargebee_api_key_set": False}
+                    "chargebee_site": None, "chargebee_api_key_set": False, "segment_shared_secret_set": False,
+                    "keep_ip": False}
     resp = client.patch("/api/v1/workspace", headers=workspace.headers, json={
         "billing_provider": "stripe", "stripe_api_key": "sk_test_SECRET", "chargebee_site": "acme",
-        "chargebee_api_key": "cb_SECRET"})
+        "chargebee_api_key": "cb_SECRET", "segment_shared_secret": "seg_SECRET", "keep_ip": True})
     assert resp.status_code == 200
     assert b"SECRET" not in resp.data
     body = resp.get_json()
     assert body["billing_provider"] == "stripe" and body["stripe_api_key_set"] is True
     assert body["chargebee_site"] == "acme" and body["chargebee_api_key_set"] is True
+    assert body["segment_shared_secret_set"] is True and body["keep_ip"] is True
     assert b"SECRET" not in get(client, workspace, "/api/v1/workspace").data
+    resp = client.patch("/api/v1/workspace", headers=workspace.headers, json={"segment_shared_secret": None})
+    assert resp.get_json()["segment_shared_secret_set"] is False
+    resp = client.patch("/api/v1/workspace", headers=workspace.headers, json={"keep_ip": "maybe"})
+    assert resp.status_code == 400 and "keep_ip" in resp.get_json()["errors"]
 
     body = client.patch("/api/v1/workspace", json={"billing_provider": None, "stripe_api_key": None},
                         headers=workspace.headers).get_json()

@@ -138,6 +138,8 @@ def test_track_event_is_normalized_exactly(client, workspace, redis, runtime):
     assert strip_received(one_event(redis, runtime)) == {
         "ws": workspace.id, "type": "track", "messageId": "m-1", "userId": "u1", "timestamp": TS,
         "event": "Message Sent", "properties": {"featureId": "messages", "delta": 2.5, "plan": {"tier": "pro"}},
+        # context.ip is dropped (the workspace does not keep IPs); the sender's sentAt is kept.
+        "timestamps": {"sentAt": "2024-05-01T12:00:01+00:00"},
     }
 
 
@@ -503,8 +505,15 @@ def test_batch_over_500kb_is_413(client, workspace, redis, runtime):
     res = post(client, "/v1/batch", body, workspace)
     assert res.status_code == 413
     assert res.json["code"] == "payload_too_large"
-    res = post(client, "/segment", body["batch"], workspace)
+    assert_nothing_queued(redis)
+
+
+def test_segment_body_over_its_limit_is_413(client, workspace, redis, runtime):
+    # /segment takes Actions batches (16 MB), not the 500 KB of /v1/batch.
+    body = b"[" + b" " * runtime.settings.max_segment_bytes + b"]"
+    res = client.post("/segment", data=body, headers={**workspace.headers, "Content-Type": "application/json"})
     assert res.status_code == 413
+    assert "16,777,216 bytes" in res.json["message"]
     assert_nothing_queued(redis)
 
 
@@ -715,7 +724,10 @@ def test_segment_analytics_python_client(live_server, workspace, redis, runtime,
     client.flush()
     events = {e["messageId"]: strip_received(e) for e in queued(redis, runtime)}
     assert set(events) == {m["messageId"] for m in (identify, track, page, group, alias)}
-    assert events[track["messageId"]] == {
+    tracked = events[track["messageId"]]
+    assert tracked.pop("context")["library"]["name"] == "analytics-python"
+    assert datetime.fromisoformat(tracked.pop("timestamps")["sentAt"]).tzinfo is not None
+    assert tracked == {
         "ws": workspace.id, "type": "track", "messageId": track["messageId"], "userId": "user-7",
         "timestamp": TS, "event": "Message Sent", "properties": {"featureId": "messages", "delta": 3},
     }

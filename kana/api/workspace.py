@@ -22,6 +22,10 @@ class WorkspaceUpdate(StrictSchema):
     stripe_api_key = fields.String(allow_none=True, validate=[no_nul, validate.Length(max=500)])
     chargebee_site = fields.String(allow_none=True, validate=[no_nul, validate.Length(max=200)])
     chargebee_api_key = fields.String(allow_none=True, validate=[no_nul, validate.Length(max=500)])
+    segment_shared_secret = fields.String(allow_none=True, validate=[no_nul, validate.Length(max=500)], metadata={
+        "description": "Segment's shared secret: /segment/{workspace_id} then accepts requests signed with it "
+                       "(X-Signature). Write-only; null or blank removes it."})
+    keep_ip = fields.Boolean(metadata={"description": "keep context.ip of events (off by default)"})
 
 
 class AuditPage(Schema):

@@ -126,6 +126,35 @@ def workspace_create(name: str, billing_provider: str | None, as_json: bool) -> 
         click.echo(f"workspace {ws_id} created; admin API key (shown once): {key}")
 
 
+@workspace.command("update")
+@click.option("--workspace", "workspace_id", type=int, required=True)
+@click.option("--name", default=None)
+@click.option("--segment-shared-secret", default=None, metavar="SECRET",
+              help="Segment's shared secret for /segment/{workspace_id} signing; '-' reads it from stdin "
+                   "(keeps it out of the shell history), '' removes it.")
+@click.option("--keep-ip/--no-keep-ip", default=None, help="Keep context.ip of events (off by default).")
+def workspace_update(workspace_id: int, name: str | None, segment_shared_secret: str | None,
+                     keep_ip: bool | None) -> None:
+    """Change workspace settings (the shared secret is never printed)."""
+    from kana.services import workspace as workspace_actions
+
+    changes: dict[str, object] = {}
+    if name is not None:
+        changes["name"] = name
+    if segment_shared_secret is not None:
+        changes["segment_shared_secret"] = (sys.stdin.readline() if segment_shared_secret == "-"
+                                            else segment_shared_secret)
+    if keep_ip is not None:
+        changes["keep_ip"] = keep_ip
+    if not changes:
+        raise click.UsageError("nothing to change: give --name, --segment-shared-secret or --keep-ip/--no-keep-ip")
+    _session()  # binds SessionLocal to DATABASE_URL
+    row = workspace_actions.update(workspace_id, changes)
+    state = {"shared secret": "set" if row["segment_shared_secret_set"] else "not set", "keep_ip": row["keep_ip"]}
+    # Running web processes pick the change up within the key cache TTL.
+    click.echo(f"workspace {workspace_id} updated ({', '.join(f'{k}: {v}' for k, v in state.items())})")
+
+
 @main.group()
 def key() -> None:
     """API keys."""
@@ -259,9 +288,10 @@ def feature_delete(workspace_id: int, feature_id: str, force: bool) -> None:
 @click.option("--workers", default=2, show_default=True)
 def dev(port: int, workers: int) -> None:
     """Run web + workers + scheduler on this machine (embedded SQLite/Redis by default)."""
-    from kana.cli import dev
+    # By its full name: in this package ``dev`` is this command, not the module.
+    from kana.cli.dev import run as run_stack
 
-    sys.exit(dev.run(_settings(), port=port, workers=workers))
+    sys.exit(run_stack(_settings(), port=port, workers=workers))
 
 
 @main.command()

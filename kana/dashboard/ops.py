@@ -248,9 +248,11 @@ def save_settings() -> ResponseReturnValue:
     if name is None:
         notice("The workspace name must not be blank.", "error")
         return redirect(url_for("dashboard.settings_page"))
-    changes = {"name": name, "billing_provider": provider, "chargebee_site": _text_field("chargebee_site", 200)}
+    changes: dict[str, object] = {"name": name, "billing_provider": provider,
+                                  "chargebee_site": _text_field("chargebee_site", 200),
+                                  "keep_ip": bool(request.form.get("keep_ip"))}
     # Secrets are write-only: a blank field keeps the stored one; the checkbox removes it.
-    for secret in ("stripe_api_key", "chargebee_api_key"):
+    for secret in ("stripe_api_key", "chargebee_api_key", "segment_shared_secret"):
         value = _text_field(secret, 500)
         if request.form.get(f"clear_{secret}"):
             changes[secret] = None

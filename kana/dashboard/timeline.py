@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
+from kana.dashboard.common import bp
 from kana.models import Event
 
 SESSION_GAP = timedelta(minutes=30)
@@ -43,3 +45,17 @@ def sessions(events: Iterable[Event], gap: timedelta = SESSION_GAP) -> list[Time
         out[-1].events.append(event)
         previous = event.timestamp
     return out
+
+
+@bp.app_template_filter("event_details")
+def event_details(event: Event) -> dict[str, Any]:
+    """What Segment sent about an event beyond its properties: the kept context and the four timestamps."""
+    stamps = event.timestamps or {}
+    return {
+        "context": event.context or {},
+        "timestamp": event.timestamp.isoformat(),
+        "originalTimestamp": stamps.get("originalTimestamp"),
+        "sentAt": stamps.get("sentAt"),
+        "receivedAt": stamps.get("receivedAt"),
+        "receivedAt (by Kana)": event.received_at.isoformat(),
+    }

@@ -37,6 +37,9 @@ class Traits:
     name: str | None = None
     billing_id: str | None = None
     billing_provider: str | None = None
+    # From the identify's context (SPEC §3): kept like traits, newest identify wins.
+    locale: str | None = None
+    timezone: str | None = None
 
     def present(self) -> dict[str, str]:
         return {k: v for k, v in self.__dict__.items() if v is not None}

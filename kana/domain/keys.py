@@ -12,17 +12,21 @@ from sqlalchemy.orm import Session
 from kana.models import ApiKey, Workspace, utcnow
 
 SCOPES = ("ingest", "admin")
+# Every key this installation issues starts with it (``kana_i_…`` ingest, ``kana_a_…`` admin).
+KEY_PREFIX = "kana_"
 BILLING_PROVIDERS = ("stripe", "chargebee")
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request acts as: a workspace and the key's scope."""
+    """Who a request acts as: a workspace and the key's scope (key_id None: a signed /segment request)."""
 
     workspace_id: int
     scope: str
-    key_id: int
+    key_id: int | None
     billing_provider: str | None
+    # The workspace settings the receiver applies to each call it accepts.
+    keep_ip: bool = False
 
 
 def hash_key(key: str) -> str:
@@ -43,7 +47,7 @@ def create_workspace(session: Session, name: str, billing_provider: str | None =
 def create_key(session: Session, workspace_id: int, scope: str, name: str | None = None) -> tuple[ApiKey, str]:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
-    key = f"kana_{scope[0]}_{secrets.token_urlsafe(32)}"
+    key = f"{KEY_PREFIX}{scope[0]}_{secrets.token_urlsafe(32)}"
     row = ApiKey(workspace_id=workspace_id, key_hash=hash_key(key), prefix=key[:12], scope=scope, name=name)
     session.add(row)
     session.flush()
@@ -66,10 +70,26 @@ def list_keys(session: Session, workspace_id: int) -> list[ApiKey]:
 def lookup(session: Session, key: str) -> Principal | None:
     """The principal for a clear-text key, or None when unknown or revoked."""
     row = session.execute(
-        select(ApiKey, Workspace.billing_provider)
+        select(ApiKey, Workspace.billing_provider, Workspace.keep_ip)
         .join(Workspace, Workspace.id == ApiKey.workspace_id)
         .where(ApiKey.key_hash == hash_key(key))
     ).first()
     if row is None or row[0].revoked_at is not None:
         return None
-    return Principal(row[0].workspace_id, row[0].scope, row[0].id, row[1])
+    return Principal(row[0].workspace_id, row[0].scope, row[0].id, row[1], bool(row[2]))
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A workspace's Segment shared secret (None: not set) and the principal its signed requests act as."""
+
+    secret: str | None
+    principal: Principal
+
+
+def signer(session: Session, workspace_id: int) -> Signer | None:
+    """What verifying ``/segment/{workspace_id}``'s X-Signature needs; None for no such workspace."""
+    row = session.get(Workspace, workspace_id)
+    if row is None:
+        return None
+    return Signer(row.segment_shared_secret, Principal(row.id, "ingest", None, row.billing_provider, row.keep_ip))

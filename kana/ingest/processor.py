@@ -58,20 +58,24 @@ def parse_time(value: str | None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def traits_of(traits: dict, billing_provider: str | None) -> identity.Traits:
-    def text(key: str) -> str | None:
-        value = traits.get(key)
+def traits_of(traits: dict, billing_provider: str | None, context: dict | None = None) -> identity.Traits:
+    def text(source: dict, key: str, limit: int | None = None) -> str | None:
+        value = source.get(key)
         if value is None or isinstance(value, dict | list):
             return None
         value = str(value).strip()
-        return value or None
+        # Over-long locale/timezone values are not real ones: dropped, not truncated.
+        return value if value and (limit is None or len(value) <= limit) else None
 
-    billing_id = text("billingUserId") or text("billingId")
+    billing_id = text(traits, "billingUserId") or text(traits, "billingId")
+    context = context or {}
     return identity.Traits(
-        email=text("email"),
-        name=text("name"),
+        email=text(traits, "email"),
+        name=text(traits, "name"),
         billing_id=billing_id,
         billing_provider=provider_of(billing_id, billing_provider) if billing_id else None,
+        locale=text(context, "locale", 100),
+        timezone=text(context, "timezone", 100),
     )
 
 
@@ -110,6 +114,8 @@ class _Workspace:
             timestamp=parse_time(call.get("timestamp")),
             received_at=parse_time(call.get("receivedAt")),
             properties=properties if properties is not None else {},
+            context=call.get("context"),
+            timestamps=call.get("timestamps"),
             status=status,
         )
         self.session.add(event)
@@ -123,7 +129,7 @@ class _Workspace:
             user = identity.identify(
                 directory,
                 call["userId"],
-                traits_of(traits, self.row.billing_provider),
+                traits_of(traits, self.row.billing_provider, call.get("context")),
                 parse_time(call.get("timestamp")),
             )
             self.store(call, user, properties=traits)
@@ -146,8 +152,8 @@ class _Workspace:
             self.store(call, user, name=call["previousId"], properties={"previousId": call["previousId"]})
         elif kind == "delete":
             identity.gdpr_delete(directory, call["userId"])
-            # Stored without the user id (PII-free) so a redelivery is still a duplicate.
-            self.store(call, None, user_id="")
+            # Stored without the user id or context (PII-free) so a redelivery is still a duplicate.
+            self.store({**call, "context": None}, None, user_id="")
         else:
             raise ValueError(f"unsupported call type {kind!r}")
 

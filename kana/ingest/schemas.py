@@ -131,7 +131,11 @@ class CallSchema(Schema):
     messageId = Id(allow_none=True)
     timestamp = Timestamp(allow_none=True)
     originalTimestamp = Timestamp(allow_none=True)
-    # Validated as objects but not queued: nothing downstream reads them.
+    sentAt = Timestamp(allow_none=True)
+    # The sender's (Segment's) receipt time; Kana stamps its own beside it.
+    receivedAt = Timestamp(allow_none=True)
+    # Part of context is queued and stored (``kept_context``); integrations are
+    # validated as an object but not queued: nothing downstream reads them.
     context = Object()
     integrations = Object()
 
@@ -189,7 +193,7 @@ class BatchSchema(Schema):
     context = Object()
     integrations = Object()
     writeKey = fields.String(allow_none=True, error_messages={"invalid": "must be a string"})
-    sentAt = fields.Raw(allow_none=True)
+    sentAt = Timestamp(allow_none=True)
 
 
 SCHEMAS: dict[str, Schema] = {
@@ -202,6 +206,29 @@ SCHEMAS: dict[str, Schema] = {
     "delete": DeleteSchema(),
 }
 BATCH = BatchSchema()
+
+
+# What an event keeps of its context (SPEC §3); ``ip`` only for workspaces that keep IPs.
+KEPT_CONTEXT = ("library", "locale", "timezone", "userAgent", "page", "campaign")
+SENDER_TIMESTAMPS = ("originalTimestamp", "sentAt", "receivedAt")
+
+
+def kept_context(context: dict | None, keep_ip: bool) -> dict | None:
+    """The part of a call's ``context`` stored with its event; None when nothing is kept."""
+    if not context:
+        return None
+    kept = {k: context[k] for k in KEPT_CONTEXT if context.get(k) is not None}
+    if keep_ip and context.get("ip") is not None:
+        kept["ip"] = context["ip"]
+    return kept or None
+
+
+def sender_timestamps(data: dict, sent_at: str | None = None) -> dict | None:
+    """originalTimestamp, sentAt (else the batch's) and the sender's receivedAt of a loaded call."""
+    stamps = {k: data[k] for k in SENDER_TIMESTAMPS if data.get(k)}
+    if sent_at and "sentAt" not in stamps:
+        stamps["sentAt"] = sent_at
+    return stamps or None
 
 
 def with_aliases(call: dict) -> dict:

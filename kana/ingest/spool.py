@@ -18,6 +18,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from redis import Redis
 
@@ -92,7 +93,16 @@ def dumps(event: dict) -> str:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
-def push(redis: Redis, events: Iterable[dict], partitions: int, *, requeue: bool = False) -> list[int]:
+class Encoded(NamedTuple):
+    """An event already serialised (``dumps``, UTF-8): the receiver encodes a big array's
+    events as it parses them, so it never holds them all as Python objects."""
+
+    ws: int
+    userId: str  # noqa: N815 - the queued event's field name
+    data: bytes | memoryview
+
+
+def push(redis: Redis, events: Iterable[dict | Encoded], partitions: int, *, requeue: bool = False) -> list[int]:
     """Append events to their partitions atomically (MULTI/EXEC), in one round trip.
 
     Returns the partitions whose wake flag this push raised: each needs a drain
@@ -108,10 +118,11 @@ def push(redis: Redis, events: Iterable[dict], partitions: int, *, requeue: bool
     touched: dict[int, None] = {}
     per_ws: Counter[int] = Counter()
     for event in events:
-        p = partition_of(event["ws"], event["userId"], partitions)
-        pipe.rpush(queue_key(p), dumps(event))
+        ws, user_id, data = event if isinstance(event, Encoded) else (event["ws"], event["userId"], dumps(event))
+        p = partition_of(ws, user_id, partitions)
+        pipe.rpush(queue_key(p), data)
         touched[p] = None
-        per_ws[event["ws"]] += 1
+        per_ws[ws] += 1
     for ws, n in per_ws.items():
         if not requeue:
             pipe.hincrby(stats_key(ws), "received", n)

@@ -1,4 +1,4 @@
-"""Workspace settings: name, billing provider and its write-only credentials."""
+"""Workspace settings: name, billing provider, write-only credentials, Segment shared secret, keep_ip."""
 
 from __future__ import annotations
 
@@ -6,25 +6,15 @@ from typing import Any
 
 from kana import auth
 from kana.db import SessionLocal
-from kana.errors import field_error
-from kana.models import Workspace
+from kana.domain import workspace
 from kana.serializers import workspace_json
-
-SETTINGS = ("name", "billing_provider", "stripe_api_key", "chargebee_site", "chargebee_api_key")
 
 
 def update(workspace_id: int, changes: dict[str, Any]) -> dict[str, Any]:
-    """Apply ``changes`` (a subset of SETTINGS; blank text is None); the workspace as JSON."""
+    """Apply ``changes`` (``workspace.TEXT``/``FLAGS`` settings; blank text is None); the workspace as JSON."""
     with SessionLocal.begin() as s:
-        row = s.get(Workspace, workspace_id)
-        for field, value in changes.items():
-            if isinstance(value, str):
-                value = value.strip() or None
-            if field == "name" and value is None:
-                raise field_error("name", "Must not be blank.")
-            setattr(row, field, value)
-        body = workspace_json(row)
-    # Cached principals carry billing_provider: drop them so the receiver
-    # validates billing ids against the new setting at once.
+        body = workspace_json(workspace.update(s, workspace_id, changes))
+    # Cached principals carry billing_provider, keep_ip and the shared secret:
+    # drop them so the receiver uses the new settings at once.
     auth.clear_cache()
     return body
