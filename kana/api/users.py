@@ -680,7 +680,7 @@ def create_key() -> ResponseReturnValue:
 def revoke_key(key_id: int) -> ResponseReturnValue:
     _id_or_404(key_id, "API key")
     with SessionLocal.begin() as s:
-        if not keys.revoke_key(s, auth.workspace_id(), key_id):
+        if not keys.revoke_key(s, auth.workspace_id(), key_id, redis=current_app.extensions["kana"].redis):
             raise not_found(f"No API key {key_id} in this workspace.")
     auth.clear_cache()  # effective at once in this process, within the cache TTL elsewhere
     return "", 204

@@ -254,7 +254,7 @@ def revoke_key_confirm(key_id: int) -> ResponseReturnValue:
 @bp.post("/keys/<int:key_id>/revoke")
 def revoke_key(key_id: int) -> ResponseReturnValue:
     with SessionLocal.begin() as s:
-        if not keys.revoke_key(s, ws(), key_id):
+        if not keys.revoke_key(s, ws(), key_id, redis=runtime().redis):
             abort(404, description=f"No API key {key_id} in this workspace.")
     auth.clear_cache()  # at once in this process, within the key cache TTL in others
     notice(f"API key {key_id} revoked.")

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kana.models import ApiKey, Workspace, utcnow
 
+log = logging.getLogger(__name__)
+
 SCOPES = ("ingest", "admin")
+# A key's record in Redis (below) outlives its last database lookup this long.
+RECORD_TTL = 7 * 24 * 3600
 BILLING_PROVIDERS = ("stripe", "chargebee")
 
 
@@ -50,12 +58,20 @@ def create_key(session: Session, workspace_id: int, scope: str, name: str | None
     return row, key
 
 
-def revoke_key(session: Session, workspace_id: int, key_id: int) -> bool:
+def revoke_key(session: Session, workspace_id: int, key_id: int, redis: Redis | None = None) -> bool:
+    """Revoke a key; with ``redis``, its Redis record says so at once (see ``remember``)."""
     row = session.scalar(select(ApiKey).where(ApiKey.workspace_id == workspace_id, ApiKey.id == key_id))
     if row is None:
         return False
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+    if redis is not None:
+        # Before the commit, so a failure errs on the side of refusing the key.
+        try:
+            remember(redis, row.key_hash, None)
+        except (RedisError, OSError) as exc:
+            # The next database lookup of the key removes its record anyway.
+            log.warning("could not mark key %s revoked in Redis: %s", key_id, exc)
     return True
 
 
@@ -65,11 +81,42 @@ def list_keys(session: Session, workspace_id: int) -> list[ApiKey]:
 
 def lookup(session: Session, key: str) -> Principal | None:
     """The principal for a clear-text key, or None when unknown or revoked."""
+    return lookup_hash(session, hash_key(key))[1]
+
+
+def lookup_hash(session: Session, key_hash: str) -> tuple[bool, Principal | None]:
+    """(known, principal) for a key's hash: unknown keys are (False, None), revoked ones (True, None)."""
     row = session.execute(
         select(ApiKey, Workspace.billing_provider)
         .join(Workspace, Workspace.id == ApiKey.workspace_id)
-        .where(ApiKey.key_hash == hash_key(key))
+        .where(ApiKey.key_hash == key_hash)
     ).first()
-    if row is None or row[0].revoked_at is not None:
-        return None
-    return Principal(row[0].workspace_id, row[0].scope, row[0].id, row[1])
+    if row is None:
+        return False, None
+    if row[0].revoked_at is not None:
+        return True, None
+    return True, Principal(row[0].workspace_id, row[0].scope, row[0].id, row[1])
+
+
+# -- records in Redis -----------------------------------------------------------------
+# The receiver checks keys against the database, and keeps what it learnt in
+# Redis, keyed by the key's hash: while the database is unreachable the record
+# answers instead (SPEC §3: accepting a call never needs the database).
+
+
+def record_key(key_hash: str) -> str:
+    return f"kana:apikey:{key_hash}"
+
+
+def remember(redis: Redis, key_hash: str, principal: Principal | None) -> None:
+    """Record a verified key's principal; None (revoked) removes the record. Unknown keys get none."""
+    if principal is None:
+        redis.delete(record_key(key_hash))
+    else:
+        redis.set(record_key(key_hash), json.dumps(asdict(principal)), ex=RECORD_TTL)
+
+
+def recall(redis: Redis, key_hash: str) -> Principal | None:
+    """The principal recorded for a key's hash, if any."""
+    raw = redis.get(record_key(key_hash))
+    return None if raw is None else Principal(**json.loads(raw))
