@@ -231,11 +231,13 @@ def feature_delete(workspace_id: int, feature_id: str, force: bool) -> None:
 @main.command()
 @click.option("--port", default=8000, show_default=True)
 @click.option("--workers", default=2, show_default=True)
-def dev(port: int, workers: int) -> None:
+@click.option("--verbose", is_flag=True, help="Also log routine jobs (each drain, the 30 s recover scan).")
+def dev(port: int, workers: int, verbose: bool) -> None:
     """Run web + workers + scheduler on this machine (embedded SQLite/Redis by default)."""
-    from kana.cli import dev
+    # Not ``from kana.cli import dev``: that name is this command, not the module.
+    from kana.cli.dev import run
 
-    sys.exit(dev.run(_settings(), port=port, workers=workers))
+    sys.exit(run(_settings(), port=port, workers=workers, verbose=verbose))
 
 
 @main.command()
