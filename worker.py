@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+from redis import ConnectionPool, Redis
 from redis.exceptions import RedisError
 from rq import SimpleWorker, Worker
 
@@ -74,6 +75,16 @@ def _close(worker: Worker) -> None:
         thread.join(timeout=1)
 
 
+def _rq_connection(redis: Redis) -> Redis:
+    """A client of its own for rq, which raises its socket timeout above its ~7 minute blocking dequeue.
+
+    The drains and their lock heartbeat keep ``broker``'s 5 s timeout, so a
+    Redis that hangs rather than refuses fails their commands quickly.
+    """
+    pool = redis.connection_pool
+    return Redis(connection_pool=ConnectionPool(connection_class=pool.connection_class, **pool.connection_kwargs))
+
+
 def _take_over(runtime: Runtime) -> None:
     suspects: set[int] = set()
     while not STOP.wait(runtime.settings.takeover_interval):
@@ -102,13 +113,14 @@ def main(argv: list[str] | None = None) -> None:
     worker_class = ForkingKanaWorker if "--fork" in args else KanaWorker
     if not burst:
         threading.Thread(target=_take_over, args=(runtime,), name="takeover", daemon=True).start()
+    connection = _rq_connection(runtime.redis)
     while True:
         signal.signal(signal.SIGINT, _stop_on_signal)
         signal.signal(signal.SIGTERM, _stop_on_signal)
-        if not outages.wait_until_up(lambda: outages.redis_problem(runtime.redis), REDIS, STOP.is_set,
+        if not outages.wait_until_up(lambda: outages.redis_problem(connection), REDIS, STOP.is_set,
                                      sleep=STOP.wait):
             break
-        worker = worker_class([runtime.queue], connection=runtime.redis)
+        worker = worker_class([settings.queue_name], connection=connection)
         try:
             worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level)
         except (RedisError, OSError) as exc:  # registering birth or death talks to Redis too

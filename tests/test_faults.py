@@ -203,12 +203,19 @@ def stack_for(app, settings, tmp_path) -> Iterator:
 
 @dataclass
 class Traffic:
-    """Track calls (featureId "messages", 1 each) posted in batches over HTTP, with what each answer was."""
+    """Track calls (featureId "messages", 1 each) posted in batches over HTTP, retried like Segment does.
+
+    A batch answered anything but 200 is sent again, with the same messageIds,
+    until it is accepted (or ``give_up`` seconds pass: then it counts as
+    rejected). A 503 may come after the calls were queued (Redis went away
+    between the push and the reply); the retry is then deduplicated downstream.
+    """
 
     url: str
     key: str
     batch: int = 20
     pause: float = 0.05
+    give_up: float = 60.0
     sent: int = 0
     acknowledged: int = 0
     rejected: int = 0
@@ -217,25 +224,34 @@ class Traffic:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
+    def _attempt(self, calls: list[dict]) -> tuple[int, dict]:
+        started = time.monotonic()
+        try:
+            res = requests.post(f"{self.url}/v1/batch", json={"batch": calls}, auth=(self.key, ""), timeout=30)
+            status, body = res.status_code, (res.json() if res.status_code == 200 else {})
+        except requests.RequestException:
+            status, body = 0, {}
+        self.answers.append((started, time.monotonic(), status))
+        return status, body
+
     def post(self, n: int) -> int:
+        """Send n new calls in one batch, retrying until accepted; the status of the first attempt."""
         calls = [{"type": "track", "userId": f"user-{(self.sent + i) % 50}", "event": "Message Sent",
                   "messageId": f"fault-{self.sent + i}", "properties": {"featureId": "messages"}}
                  for i in range(n)]
         self.sent += n
-        started = time.monotonic()
-        try:
-            res = requests.post(f"{self.url}/v1/batch", json={"batch": calls}, auth=(self.key, ""), timeout=30)
-            status = res.status_code
-        except requests.RequestException:
-            status = 0
-        self.answers.append((started, time.monotonic(), status))
+        deadline = time.monotonic() + self.give_up
+        first, body = self._attempt(calls)
+        status = first
+        while status != 200 and time.monotonic() < deadline:
+            time.sleep(self.pause)
+            status, body = self._attempt(calls)
         if status == 200:
-            body = res.json()
             self.acknowledged += body["accepted"]
             self.rejected += len(body.get("rejected", []))
         else:
             self.rejected += n
-        return status
+        return first
 
     def start(self) -> None:
         def run() -> None:
@@ -249,15 +265,23 @@ class Traffic:
     def stop(self) -> None:
         self._stop.set()
         assert self._thread is not None
-        self._thread.join(timeout=60)
+        self._thread.join(timeout=self.give_up + 30)
 
     def statuses(self, start: float, end: float) -> set[int]:
         """Statuses of the requests that started and finished within [start, end]."""
         return {status for t0, t1, status in self.answers if t0 >= start and t1 <= end}
 
+    def refused(self) -> int:
+        return sum(1 for _, _, status in self.answers if status != 200)
 
-def _settled(redis: Redis, partitions: int, ws_id: int, expected: int) -> bool:
-    return spool.depth(redis, partitions) == 0 and count(Event, ws_id) == expected
+
+def _wait_settled(redis: Redis, partitions: int, ws_id: int, expected: int, timeout: float = 60) -> None:
+    try:
+        wait_until(lambda: spool.depth(redis, partitions) == 0 and count(Event, ws_id) == expected,
+                   timeout=timeout, interval=0.2)
+    except AssertionError:
+        raise AssertionError(f"not settled within {timeout}s: pending {spool.depth(redis, partitions)}, "
+                             f"stored {count(Event, ws_id)}, acknowledged {expected}") from None
 
 
 def _workspace() -> tuple[int, str]:
@@ -297,8 +321,8 @@ def test_redis_stopped_mid_traffic(settings, stack_for, tmp_path):
 
     assert traffic.statuses(down_at, back_at) == {503}, "only 503 while Redis is down"
     assert traffic.sent == traffic.acknowledged + traffic.rejected
-    assert traffic.acknowledged > 0
-    wait_until(lambda: _settled(redis, settings.partitions, ws_id, traffic.acknowledged), timeout=60, interval=0.2)
+    assert traffic.refused() > 0 and traffic.acknowledged > 0
+    _wait_settled(redis, settings.partitions, ws_id, traffic.acknowledged)
     drained = time.monotonic() - back_at
     assert drained <= 30, f"drained {drained:.1f}s after Redis's return"
     assert count(Event, ws_id) == traffic.acknowledged
@@ -310,8 +334,8 @@ def test_redis_stopped_mid_traffic(settings, stack_for, tmp_path):
         log = stack.log(name)
         assert log.count("redis unreachable") == 1, log
         assert log.count("redis back after") == 1, log
-    _report("redis stopped", calls=traffic.sent, acknowledged=traffic.acknowledged, outage_s=10,
-            drained_after_return_s=round(drained, 1))
+    _report("redis stopped", calls=traffic.sent, acknowledged=traffic.acknowledged, answers_503=traffic.refused(),
+            outage_s=10, drained_after_return_s=round(drained, 1))
 
 
 @pytest.mark.skipif(not os.environ.get("KANA_TEST_DATABASE_URL", "").startswith("postgres"),
@@ -352,7 +376,7 @@ def test_postgres_cut_receiver_keeps_answering(settings, stack_for, tmp_path):
     assert during == {200}, f"answers while PostgreSQL was cut: {during}"
     assert {status for _, _, status in traffic.answers} == {200}
     assert traffic.sent == traffic.acknowledged + traffic.rejected
-    wait_until(lambda: _settled(redis, settings.partitions, ws_id, traffic.acknowledged), timeout=60, interval=0.2)
+    _wait_settled(redis, settings.partitions, ws_id, traffic.acknowledged)
     drained = time.monotonic() - back_at
     assert count(Event, ws_id) == traffic.acknowledged
     assert usage_total(ws_id) == traffic.acknowledged
@@ -390,8 +414,7 @@ def test_workers_killed_mid_chunk_taken_over_without_scheduler(settings, stack_f
     assert left > 0, "the workers finished before they were killed"
     stack.worker("worker1")
     stack.worker("worker2")
-    wait_until(lambda: _settled(redis, settings.partitions, ws_id, n) and usage_total(ws_id) == n,
-               timeout=60, interval=0.1)
+    _wait_settled(redis, settings.partitions, ws_id, n)
     recovered = time.monotonic() - killed_at
     assert usage_total(ws_id) == n
     assert recovered <= 19, f"nothing pending {recovered:.1f}s after the kill"

@@ -108,7 +108,7 @@ return 0
 
 
 class _Heartbeat:
-    """Renews a held partition lock every third of its TTL while the drain runs.
+    """Renews a held partition lock every quarter of its TTL while the drain runs.
 
     The drain's main thread may spend long in one transaction (a big chunk, a
     database that is waited for); the lock must outlive that, yet expire within
@@ -118,7 +118,7 @@ class _Heartbeat:
     def __init__(self, redis: Redis, partition: int, token: str, ttl_ms: int) -> None:
         self._renew = redis.register_script(_RENEW)
         self._args = ([lock_key(partition)], [token, ttl_ms])
-        self._interval = ttl_ms / 3000
+        self._interval = ttl_ms / 4000
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lock-heartbeat-{partition}", daemon=True)
         self._thread.start()
