@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from functools import partial
 
 from sqlalchemy.exc import DBAPIError
@@ -27,7 +26,7 @@ def _apply(rt: Runtime, calls: list[dict]) -> None:
     # While the database is unreachable the drain waits here, holding its chunk
     # (the lock heartbeat keeps it), and resumes on its return: an outage
     # delays the chunk, and logs one line, rather than failing a job per try.
-    for delay in outages.backoff():
+    while True:
         try:
             outcome = processor.process(SessionLocal, calls)
             break
@@ -35,8 +34,7 @@ def _apply(rt: Runtime, calls: list[dict]) -> None:
             if outages.database_problem() is None:
                 raise  # the database answers: not an outage, let RQ record it
             DATABASE.down(exc.orig or exc)
-            time.sleep(delay)
-    DATABASE.up()
+            outages.wait_until_up(outages.database_problem, DATABASE, stopping=lambda: False)
     rt.redis.hincrby(PROCESSED_KEY, "processed", outcome.applied)
 
 

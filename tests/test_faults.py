@@ -68,6 +68,15 @@ class RedisServer:
         self.proc.wait(timeout=10)
 
 
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.stop()
+
+
 def _pings(client: Redis) -> bool:
     try:
         return bool(client.ping())
@@ -93,6 +102,11 @@ class TcpProxy:
 
     def cut(self) -> None:
         assert self._listener is not None
+        # shutdown() first: a close() alone leaves a listener blocked in accept() listening.
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._listener.close()
         with self._lock:
             conns, self._conns = self._conns, set()
@@ -295,10 +309,9 @@ def _report(name: str, **figures: object) -> None:
     print(f"\n[guarantee] {name}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
-def test_redis_stopped_mid_traffic(settings, stack_for, tmp_path):
+def test_redis_stopped_mid_traffic(settings, redis_server, stack_for):
     """Redis stopped 10 s under traffic: no 200 while it is down; every process resumes on its own."""
-    server = RedisServer(tmp_path)
-    server.start()
+    server = redis_server
     redis = Redis.from_url(server.url)
     ws_id, key = _workspace()
     stack = stack_for(server.url, KANA_RECOVER_INTERVAL="2")  # so the scheduler is at work during the outage
@@ -340,12 +353,11 @@ def test_redis_stopped_mid_traffic(settings, stack_for, tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("KANA_TEST_DATABASE_URL", "").startswith("postgres"),
                     reason="cuts a PostgreSQL connection")
-def test_postgres_cut_receiver_keeps_answering(settings, stack_for, tmp_path):
+def test_postgres_cut_receiver_keeps_answering(settings, redis_server, stack_for):
     """PostgreSQL unreachable for 25 s: the receiver answers 200 to known keys throughout; nothing is lost."""
     from sqlalchemy.engine import make_url
 
-    server = RedisServer(tmp_path)
-    server.start()
+    server = redis_server
     redis = Redis.from_url(server.url)
     ws_id, key = _workspace()
     db = make_url(settings.database_url)
@@ -389,10 +401,9 @@ def test_postgres_cut_receiver_keeps_answering(settings, stack_for, tmp_path):
             drained_after_return_s=round(drained, 1))
 
 
-def test_workers_killed_mid_chunk_taken_over_without_scheduler(settings, stack_for, tmp_path):
+def test_workers_killed_mid_chunk_taken_over_without_scheduler(settings, redis_server, stack_for):
     """6,000 calls; both workers SIGKILLed 0.3 s into the drain; two fresh ones finish exactly, no scheduler."""
-    server = RedisServer(tmp_path)
-    server.start()
+    server = redis_server
     redis = Redis.from_url(server.url)
     ws_id, key = _workspace()
     stack = stack_for(server.url)

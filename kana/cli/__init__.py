@@ -101,10 +101,14 @@ def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -
 @click.argument("key_id", type=int)
 def key_revoke(workspace_id: int, key_id: int) -> None:
     """Revoke an API key (takes effect within the key cache TTL)."""
+    from kana import broker
     from kana.domain import keys
 
+    settings = _settings()
+    # Removes the key's Redis record too (kana.domain.keys); not worth starting an embedded Redis for.
+    redis = broker.connect(settings) if settings.redis_url else None
     with _session().begin() as s:
-        if not keys.revoke_key(s, workspace_id, key_id):
+        if not keys.revoke_key(s, workspace_id, key_id, redis=redis):
             raise click.ClickException(f"no key {key_id} in workspace {workspace_id}")
     click.echo(f"key {key_id} revoked")
 

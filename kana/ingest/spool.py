@@ -270,20 +270,21 @@ def drain(
     return result
 
 
-def stranded(redis: Redis, partitions: int) -> list[int]:
-    """Partitions holding events that no live drain holds the lock for."""
+def _states(redis: Redis, partitions: int) -> list[tuple[int, int, int]]:
+    """(queued, inflight, locked) of every partition, in one round trip."""
     pipe = redis.pipeline(transaction=False)
     for p in range(partitions):
         pipe.llen(queue_key(p))
         pipe.llen(inflight_key(p))
         pipe.exists(lock_key(p))
     values = pipe.execute()
-    out = []
-    for p in range(partitions):
-        queued, inflight, locked = values[3 * p : 3 * p + 3]
-        if (queued or inflight) and not locked:
-            out.append(p)
-    return out
+    return [tuple(values[3 * p : 3 * p + 3]) for p in range(partitions)]
+
+
+def stranded(redis: Redis, partitions: int) -> list[int]:
+    """Partitions holding events that no live drain holds the lock for."""
+    return [p for p, (queued, inflight, locked) in enumerate(_states(redis, partitions))
+            if (queued or inflight) and not locked]
 
 
 def abandoned(redis: Redis, partitions: int, coming: set[int]) -> tuple[list[int], list[int]]:
@@ -295,16 +296,9 @@ def abandoned(redis: Redis, partitions: int, coming: set[int]) -> tuple[list[int
     an instant between a push and its job being enqueued, so callers confirm
     those on a second look.
     """
-    pipe = redis.pipeline(transaction=False)
-    for p in range(partitions):
-        pipe.llen(queue_key(p))
-        pipe.llen(inflight_key(p))
-        pipe.exists(lock_key(p))
-    values = pipe.execute()
     left: list[int] = []
     idle: list[int] = []
-    for p in range(partitions):
-        queued, inflight, locked = values[3 * p : 3 * p + 3]
+    for p, (queued, inflight, locked) in enumerate(_states(redis, partitions)):
         if locked or p in coming:
             continue
         if inflight:
