@@ -6,7 +6,7 @@ from flask import Flask
 
 import config
 from config import Settings
-from kana import errors
+from kana import runtime
 from kana.runtime import Runtime
 
 
@@ -15,22 +15,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask("kana")
     app.config.update(SECRET_KEY=settings.secret_key, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
-    app.extensions["kana"] = Runtime(settings)
-    errors.register(app)
+    runtime.install(app, Runtime(settings))
 
-    from kana import health
-    from kana.api import ops as api_ops
-    from kana.api import rules as api_rules
-    from kana.api import users as api
+    from kana import api, dashboard, health
     from kana.ingest import receiver
 
+    api.init_app(app)  # also the JSON error bodies the receiver answers with
     app.register_blueprint(receiver.bp)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(api_rules.bp)
     app.register_blueprint(health.bp)
-    app.register_blueprint(api_ops.bp)
-    from kana import dashboard  # operator dashboard at /dashboard, rq-dashboard at /rq
-    dashboard.init_app(app)
+    dashboard.init_app(app)  # operator dashboard at /dashboard, rq-dashboard at /rq
     return app
 
 

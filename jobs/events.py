@@ -50,5 +50,5 @@ def drain(partition: int) -> dict:
         max_seconds=TIME_SLICE,
     )
     if result.yielded:
-        rt.wake([partition], force=True)
+        rt.wake([partition])
     return {"partition": partition, "chunks": result.chunks, "events": result.events}

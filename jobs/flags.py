@@ -1,10 +1,8 @@
-"""Flag refresh jobs (SPEC §6): run by RQ's cron scheduler and on demand."""
+"""Flag refresh jobs (SPEC §6): run by RQ's cron scheduler and on demand (``kana.services.flags``)."""
 
 from __future__ import annotations
 
 from typing import Any
-
-from rq import Queue
 
 from jobs import runtime
 from kana.db import SessionLocal
@@ -23,9 +21,3 @@ def refresh(workspace_id: int | None = None) -> dict[str, Any]:
 def refresh_all() -> dict[str, Any]:
     """The scheduled run (config/cron.py): every workspace."""
     return refresh(None)
-
-
-def enqueue_refresh(queue: Queue, workspace_id: int) -> str:
-    job = queue.enqueue(refresh, workspace_id, job_timeout=3600, result_ttl=24 * 3600,
-                        meta={"workspace_id": workspace_id, "progress": 0.0})
-    return job.id

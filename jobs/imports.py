@@ -4,22 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis import Redis
-from rq import Queue, get_current_job
+from rq import get_current_job
 
 from jobs import runtime
 from kana.db import SessionLocal
 from kana.imports import csvfile, customers
-
-# The uploaded file waits in Redis, which the web process and every worker
-# share (a local directory is not shared between machines); it is deleted once
-# imported and expires if no worker ever picks the job up.
-UPLOAD_TTL = 24 * 3600
-JOB_TIMEOUT = 6 * 3600
-
-
-def upload_key(import_id: int) -> str:
-    return f"kana:csv-upload:{import_id}"
+from kana.services.imports import upload_key
 
 
 def _report(progress: float, **extra: Any) -> None:
@@ -47,18 +37,3 @@ def billing(workspace_id: int, provider: str) -> dict[str, int]:
     # A listing has no total up front: progress stays 0 until done, "customers" says how far it got.
     return customers.run(SessionLocal, workspace_id, provider, rt.settings,
                               progress=lambda seen: _report(0.0, customers=seen))
-
-
-def enqueue_csv(queue: Queue, redis: Redis, import_id: int, job_id: str, data: bytes, *, workspace_id: int,
-                actor: str | None = None) -> str:
-    redis.set(upload_key(import_id), data, ex=UPLOAD_TTL)
-    job = queue.enqueue(csv_import, import_id, actor, job_id=job_id, job_timeout=JOB_TIMEOUT,
-                        result_ttl=7 * 24 * 3600, failure_ttl=7 * 24 * 3600,
-                        meta={"workspace_id": workspace_id, "progress": 0.0})
-    return job.id
-
-
-def enqueue_billing(queue: Queue, workspace_id: int, provider: str) -> str:
-    job = queue.enqueue(billing, workspace_id, provider, job_timeout=JOB_TIMEOUT, result_ttl=7 * 24 * 3600,
-                        failure_ttl=7 * 24 * 3600, meta={"workspace_id": workspace_id, "progress": 0.0})
-    return job.id

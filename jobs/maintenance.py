@@ -11,5 +11,5 @@ def recover() -> dict:
     rt = runtime()
     stranded = spool.stranded(rt.redis, rt.settings.partitions)
     if stranded:
-        rt.wake(stranded, force=True)
+        rt.wake(stranded)
     return {"woken": stranded}

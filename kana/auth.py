@@ -16,12 +16,12 @@ import threading
 import time
 from typing import Any
 
-from flask import current_app, g, request
+from flask import g, request
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from kana import outages
+from kana import outages, runtime
 from kana.db import SessionLocal, read_only
 from kana.domain import keys
 from kana.domain.keys import Principal
@@ -72,7 +72,7 @@ def principal_for(key: str) -> Principal | None:
     answers 503 and Segment retries).
     """
     global _database_retry_at
-    runtime = current_app.extensions["kana"]
+    rt = runtime.current()
     digest = keys.hash_key(key)
     now = time.monotonic()
     with _cache_lock:
@@ -90,19 +90,19 @@ def principal_for(key: str) -> Principal | None:
             _database.down(exc)
         else:
             _database.up()
-            _remember(digest, principal, now + runtime.settings.key_cache_ttl)
+            _remember(digest, principal, now + rt.settings.key_cache_ttl)
             if known:
                 try:
-                    keys.remember(runtime.redis, digest, principal)
+                    keys.remember(rt.redis, digest, principal)
                 except (RedisError, OSError):
                     pass  # the receiver answers 503 for Redis itself; the record is rewritten next time
             return principal
     try:
-        recorded = keys.recall(runtime.redis, digest)
+        recorded = keys.recall(rt.redis, digest)
     except (RedisError, OSError):
         recorded = None
     if recorded is not None:
-        _remember(digest, recorded, now + runtime.settings.key_cache_ttl)
+        _remember(digest, recorded, now + rt.settings.key_cache_ttl)
         return recorded
     if hit is not None:
         return hit[1]

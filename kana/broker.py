@@ -43,20 +43,16 @@ def job_queue(redis: Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=redis)
 
 
-def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int], *, force: bool = False,
-         at_front: bool = False) -> int:
-    """Make sure each partition has a drain job coming; returns how many were enqueued.
+def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int], *, at_front: bool = False) -> int:
+    """Raise the wake flag of each partition and enqueue its drain job; returns how many were enqueued.
 
-    Normally only partitions whose wake flag was clear get a job; ``force`` (used
-    by recovery) enqueues regardless, since a stale flag is exactly what it fixes.
+    Regardless of a flag already set: the callers (recovery, takeover, a drain
+    that yielded its time slice) wake partitions whose flag may be stale, which
+    is exactly what they fix.
     """
-    if force:
-        for p in partitions:
-            redis.set(spool.wake_key(p), "1", ex=spool.WAKE_TTL)
-        needed = list(partitions)
-    else:
-        needed = spool.claim_wakeups(redis, partitions)
-    return enqueue_drains(redis, settings, needed, at_front=at_front)
+    for p in partitions:
+        redis.set(spool.wake_key(p), "1", ex=spool.WAKE_TTL)
+    return enqueue_drains(redis, settings, list(partitions), at_front=at_front)
 
 
 def enqueue_drains(redis: Redis, settings: Settings, partitions: list[int], *, at_front: bool = False) -> int:
@@ -101,5 +97,5 @@ def take_over(redis: Redis, settings: Settings, suspects: set[int]) -> tuple[lis
     mine = [p for p, won in zip(due, pipe.execute(), strict=True) if won]
     if mine:
         # At the front: the chunk has already waited a lock TTL.
-        wake(redis, settings, mine, force=True, at_front=True)
+        wake(redis, settings, mine, at_front=True)
     return mine, set(idle) - set(due)

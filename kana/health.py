@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
-from kana import metrics, outages
+from kana import metrics, outages, runtime
 
 bp = Blueprint("health", __name__)
 
@@ -20,7 +20,7 @@ def healthz() -> tuple[Response, int]:
 def readyz() -> tuple[Response, int]:
     """What is down. Only Redis makes the web process unready: it accepts calls while the database is away."""
     problems = {"database": outages.database_problem(),
-                "redis": outages.redis_problem(current_app.extensions["kana"].redis)}
+                "redis": outages.redis_problem(runtime.current().redis)}
     checks = {name: problem or "ok" for name, problem in problems.items()}
     failed = [name for name, problem in problems.items() if problem]
     if problems["redis"]:
@@ -39,6 +39,6 @@ def readyz() -> tuple[Response, int]:
 
 @bp.get("/metrics")
 def metrics_endpoint() -> Response:
-    runtime = current_app.extensions["kana"]
-    body = metrics.render(runtime.redis, runtime.settings.partitions)
+    rt = runtime.current()
+    body = metrics.render(rt.redis, rt.settings.partitions)
     return Response(body, status=200, content_type=metrics.CONTENT_TYPE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from flask import Flask, current_app
 from redis import Redis
 from rq import Queue
 
@@ -25,9 +26,28 @@ class Runtime:
     def queue(self) -> Queue:
         return broker.job_queue(self.redis, self.settings)
 
-    def wake(self, partitions: set[int] | list[int], *, force: bool = False) -> int:
-        return broker.wake(self.redis, self.settings, partitions, force=force)
+    def wake(self, partitions: set[int] | list[int]) -> int:
+        return broker.wake(self.redis, self.settings, partitions)
 
     def enqueue_drains(self, partitions: list[int]) -> int:
         """Drain jobs for the partitions whose wake flag ``queue.push`` raised."""
         return broker.enqueue_drains(self.redis, self.settings, partitions)
+
+
+EXTENSION = "kana"
+
+
+def install(app: Flask, runtime: Runtime) -> Runtime:
+    """Make ``runtime`` the app's, for ``current()``."""
+    app.extensions[EXTENSION] = runtime
+    return runtime
+
+
+def of(app: Flask) -> Runtime:
+    """The Runtime ``install`` gave ``app``."""
+    return app.extensions[EXTENSION]
+
+
+def current() -> Runtime:
+    """The Runtime of the app handling this request (or whose app context is pushed)."""
+    return of(current_app)

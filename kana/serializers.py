@@ -1,16 +1,22 @@
-"""JSON shapes of domain rows, shared by the admin API (and anything else answering JSON).
+"""JSON shapes of domain rows: one marshmallow schema each, which both builds the JSON and documents it.
 
-Times are ISO-8601 strings in UTC; amounts are JSON numbers (int when integral),
-never strings, so clients can add them up.
+The admin API answers with these, the CLI prints them, and the OpenAPI document
+(``kana.api.openapi``) describes responses with the very same schemas, so the
+document cannot drift from the bodies. Times are ISO-8601 strings in UTC;
+amounts are JSON numbers (int when integral), never strings, so clients can add them up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from kana.models import ApiKey, Audit, DeadLetter, Event, Feature, User, Workspace
+from marshmallow import Schema, fields
+
+from kana.domain import features, ledger, rules
+from kana.models import ApiKey, Audit, DeadLetter, Event, Feature, Rule, User, Workspace
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -27,98 +33,156 @@ def amount(value: Decimal | float | int | None) -> int | float:
     return float(number)
 
 
-def user_json(user: User, aliases: list[str] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "kana_id": user.kana_id,
-        "user_id": user.user_id,
-        "email": user.email,
-        "name": user.name,
-        "billing_id": user.billing_id,
-        "billing_provider": user.billing_provider,
-        "source": user.source,
-        "group_id": user.group_id,
-        "group_name": user.group_name,
-        "created_at": iso(user.created_at),
-        "updated_at": iso(user.updated_at),
-    }
-    if aliases is not None:
-        body["aliases"] = list(aliases)
-    return body
+class Time(fields.DateTime):
+    """An ISO-8601 time exactly as ``datetime.isoformat`` writes it (or null)."""
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return iso(value)
 
 
-def event_json(event: Event) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "message_id": event.message_id,
-        "type": event.type,
-        "name": event.name,
-        "user_id": event.user_id,
-        "kana_id": event.kana_id,
-        "status": event.status,
-        "reason": event.reason,
-        "feature_id": event.feature_id,
-        "properties": event.properties,
-        "timestamp": iso(event.timestamp),
-        "received_at": iso(event.received_at),
-        "processed_at": iso(event.processed_at),
-    }
+class Amount(fields.Float):
+    """A usage amount: a JSON number, int when integral."""
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> int | float:
+        return amount(value)
 
 
-def dead_letter_json(row: DeadLetter) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "status": "failed",
-        "message_id": row.message_id,
-        "user_id": row.user_id,
-        "error": row.error,
-        "attempts": row.attempts,
-        "payload": row.payload,
-        "created_at": iso(row.created_at),
-        "updated_at": iso(row.updated_at),
-    }
+def _nullable_str(**kwargs: Any) -> fields.String:
+    return fields.String(allow_none=True, **kwargs)
 
 
-def feature_json(feature: Feature) -> dict[str, Any]:
-    return {
-        "id": feature.id,
-        "name": feature.name,
-        "type": feature.type,
-        "created_at": iso(feature.created_at),
-    }
+class Error(Schema):
+    code = fields.String(required=True, metadata={"example": "invalid_request"})
+    message = fields.String(required=True)
+    errors = fields.Dict(metadata={"description": "field name -> list of problems"})
 
 
-def audit_json(row: Audit) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "action": row.action,
-        "trigger": row.trigger,
-        "actor": row.actor,
-        "survivor_kana_id": row.survivor_kana_id,
-        "kana_ids": row.kana_ids,
-        "detail": row.detail,
-        "at": iso(row.at),
-    }
+class UserOut(Schema):
+    kana_id = fields.Integer(required=True)
+    user_id = _nullable_str(required=True, metadata={"description": "null for an unclaimed user"})
+    email = _nullable_str(required=True)
+    name = _nullable_str(required=True)
+    billing_id = _nullable_str(required=True)
+    billing_provider = _nullable_str(required=True)
+    source = fields.String(required=True, metadata={"enum": ["segment", "stripe", "chargebee", "csv", "api"]})
+    group_id = _nullable_str()
+    group_name = _nullable_str()
+    created_at = Time(required=True)
+    updated_at = Time(required=True)
 
 
-def key_json(row: ApiKey) -> dict[str, Any]:
+class UserDetail(UserOut):
+    aliases = fields.List(fields.String(), required=True, metadata={"description": "user_ids merged into this user"})
+
+
+class EventOut(Schema):
+    id = fields.Integer(required=True)
+    message_id = fields.String(required=True)
+    type = fields.String(required=True)
+    name = _nullable_str()
+    user_id = fields.String(required=True)
+    kana_id = fields.Integer(allow_none=True)
+    status = fields.String(required=True, metadata={"enum": ["unmapped", "mapped", "processed"]})
+    reason = _nullable_str()
+    feature_id = _nullable_str()
+    properties = fields.Dict()
+    timestamp = Time()
+    received_at = Time()
+    processed_at = Time()
+
+
+class DeadLetterOut(Schema):
+    id = fields.Integer(required=True)
+    status = fields.Constant("failed", required=True, metadata={"enum": ["failed"], "type": "string"})
+    message_id = fields.String(required=True)
+    user_id = _nullable_str()
+    error = fields.String(required=True)
+    attempts = fields.Integer(required=True)
+    payload = fields.Dict(required=True)
+    created_at = Time(required=True)
+    updated_at = Time()
+
+
+class FeatureOut(Schema):
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+    type = fields.String(required=True, metadata={"enum": list(features.TYPES)})
+    created_at = Time(required=True)
+
+
+class RuleOut(rules.RuleSchema):
+    """A mapping rule: the fields ``rules.RuleSchema`` accepts, plus its id and times."""
+
+    class Meta:
+        # The order the API has always written a rule in: id first.
+        fields = ("id", "feature_id", "event", "type", "conditions", "delta_property", "priority", "enabled",
+                  "created_at", "updated_at")
+
+    id = fields.Integer(required=True)
+    created_at = Time()
+    updated_at = Time()
+
+
+class AuditOut(Schema):
+    id = fields.Integer(required=True)
+    action = fields.String(required=True, metadata={"enum": ["merge", "delete", "gdpr_delete", "alias"]})
+    trigger = fields.String(required=True)
+    actor = _nullable_str()
+    survivor_kana_id = fields.Integer(allow_none=True)
+    kana_ids = fields.List(fields.Integer())
+    detail = fields.Dict()
+    at = Time(required=True)
+
+
+class KeyOut(Schema):
     # Only the prefix: the key itself is shown once, when created.
-    return {
-        "id": row.id,
-        "prefix": row.prefix,
-        "scope": row.scope,
-        "name": row.name,
-        "created_at": iso(row.created_at),
-        "revoked_at": iso(row.revoked_at),
-    }
+    id = fields.Integer(required=True)
+    prefix = fields.String(required=True)
+    scope = fields.String(required=True, metadata={"enum": ["ingest", "admin"]})
+    name = _nullable_str()
+    created_at = Time(required=True)
+    revoked_at = Time(allow_none=True)
 
 
-def workspace_json(row: Workspace) -> dict[str, Any]:
+class WorkspaceOut(Schema):
     # Secrets are write-only: say whether they are set, never what they are.
-    return {
-        "id": row.id,
-        "name": row.name,
-        "billing_provider": row.billing_provider,
-        "stripe_api_key_set": bool(row.stripe_api_key),
-        "chargebee_site": row.chargebee_site,
-        "chargebee_api_key_set": bool(row.chargebee_api_key),
-    }
+    id = fields.Integer(required=True)
+    name = fields.String(required=True)
+    billing_provider = _nullable_str(required=True, metadata={"enum": ["stripe", "chargebee", None]})
+    stripe_api_key_set = fields.Function(lambda w: bool(w.stripe_api_key), required=True,
+                                         metadata={"type": "boolean"})
+    chargebee_site = _nullable_str(required=True)
+    chargebee_api_key_set = fields.Function(lambda w: bool(w.chargebee_api_key), required=True,
+                                            metadata={"type": "boolean"})
+
+
+class SeriesPoint(Schema):
+    start = fields.DateTime(required=True)
+    total = fields.Float(required=True)
+
+
+class UsageOut(Schema):
+    feature = fields.String(required=True)
+    kana_id = fields.Integer()
+    total = fields.Float(required=True)
+    window = fields.String(metadata={"enum": list(ledger.WINDOWS)})
+    series = fields.List(fields.Nested(SeriesPoint), metadata={"description": "only when window is given"})
+
+
+_USER = UserOut()
+
+
+def user_json(user: User, aliases: list[str] | None = None) -> dict[str, Any]:
+    if aliases is None:
+        return _USER.dump(user)
+    return {**_USER.dump(user), "aliases": list(aliases)}
+
+
+# Row → JSON: each schema's dump (schemas hold no per-call state, so one instance serves all).
+event_json: Callable[[Event], dict[str, Any]] = EventOut().dump
+dead_letter_json: Callable[[DeadLetter], dict[str, Any]] = DeadLetterOut().dump
+feature_json: Callable[[Feature], dict[str, Any]] = FeatureOut().dump
+rule_json: Callable[[Rule], dict[str, Any]] = RuleOut().dump
+audit_json: Callable[[Audit], dict[str, Any]] = AuditOut().dump
+key_json: Callable[[ApiKey], dict[str, Any]] = KeyOut().dump
+workspace_json: Callable[[Workspace], dict[str, Any]] = WorkspaceOut().dump

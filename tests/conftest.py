@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from kana import auth, broker, migrate
 from kana.db import SessionLocal, get_engine
 from kana.domain import keys
 from kana.ingest import spool
+from kana.runtime import of as runtime_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def app(settings: config.Settings):
 
 @pytest.fixture
 def runtime(app):
-    return app.extensions["kana"]
+    return runtime_of(app)
 
 
 @pytest.fixture
@@ -196,17 +196,6 @@ def spawn_worker(settings, redis):
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-
-
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 @pytest.fixture

@@ -11,28 +11,20 @@ from decimal import Decimal
 import pytest
 from openapi_spec_validator import validate
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from kana.api import users as api
+from kana.api.common import encode_cursor
 from kana.db import SessionLocal
 from kana.domain import flags, identity, ledger
 from kana.ingest import spool
-from kana.models import ApiKey, Audit, DeadLetter, Event, Feature, Usage, User
+from kana.models import ApiKey, Audit, DeadLetter, Event, Usage, User
+from tests.helpers import add_feature as make_feature
+from tests.helpers import count, make_user
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def make_user(ws_id: int, user_id: str | None = None, **fields) -> int:
-    with SessionLocal.begin() as s:
-        return identity.create_user(s, ws_id, user_id=user_id, **fields).kana_id
-
-
-def make_feature(ws_id: int, feature_id: str = "messages", kind: str = "consumable") -> None:
-    with SessionLocal.begin() as s:
-        s.add(Feature(workspace_id=ws_id, id=feature_id, name=feature_id.title(), type=kind))
 
 
 def add_usage(ws_id: int, kana_id: int, delta, at: datetime, feature_id: str = "messages", user_id: str = "u") -> int:
@@ -74,11 +66,6 @@ def add_dead_letter(ws_id: int, user_id: str = "dl-user", message_id: str | None
         return row.id
 
 
-def count(model, ws_id: int, *where) -> int:
-    with SessionLocal() as s:
-        return s.scalar(select(func.count()).select_from(model).where(model.workspace_id == ws_id, *where))
-
-
 def get(client, ws, url, **kwargs):
     return client.get(url, headers=ws.headers, **kwargs)
 
@@ -95,7 +82,7 @@ def assert_invalid(resp, field: str) -> None:
     assert field in body["message"], body
 
 
-API_BLUEPRINTS = ("api.", "rules_api.", "ops_api.")
+API_BLUEPRINTS = ("api.",)
 
 
 def api_rules(app) -> list:
@@ -262,7 +249,7 @@ def test_list_users_paginates_with_cursors(client, workspace, new_workspace):
     assert seen == sorted(ids) and pages == 3
 
     assert_invalid(get(client, workspace, "/api/v1/users?cursor=garbage!"), "cursor")
-    assert_invalid(get(client, workspace, f"/api/v1/users?cursor={api.encode_cursor(2**70)}"), "cursor")
+    assert_invalid(get(client, workspace, f"/api/v1/users?cursor={encode_cursor(2**70)}"), "cursor")
     assert_invalid(get(client, workspace, "/api/v1/users?limit=0"), "limit")
     assert_invalid(get(client, workspace, "/api/v1/users?limit=abc"), "limit")
     assert_invalid(get(client, workspace, "/api/v1/users?emial=x@y.z"), "emial")
@@ -638,7 +625,7 @@ def test_retry_keeps_the_row_when_redis_is_down(client, workspace, monkeypatch):
     def down(*args, **kwargs):
         raise RedisConnectionError("redis is gone")
 
-    monkeypatch.setattr(api.spool, "push", down)
+    monkeypatch.setattr(spool, "push", down)
     resp = post(client, workspace, f"/api/v1/events/failed/{dead}/retry")
     assert resp.status_code == 503 and resp.get_json()["code"] == "unavailable"
     assert count(DeadLetter, workspace.id) == 1
@@ -756,3 +743,21 @@ def test_buckets_are_zero_filled_and_aligned(window):
     assert points[0] == ledger.floor(start, window)
     assert all(a < b for a, b in zip(points, points[1:], strict=False))
     assert {"hour": 73, "day": 4, "month": 2}[window] == len(points)
+
+
+def test_outages_and_domain_errors_map_to_one_error_model():
+    from sqlalchemy.exc import OperationalError
+
+    from kana import errors
+    from kana.domain import features, rules
+
+    redis_down = errors.classify(RedisConnectionError("gone"))
+    assert (redis_down.status, redis_down.code) == (503, "unavailable") and "Redis" in redis_down.text
+    db_down = errors.classify(OperationalError("SELECT 1", {}, Exception("connection refused")))
+    assert (db_down.status, db_down.code) == (503, "unavailable") and "database" in db_down.text
+    assert errors.classify(ValueError("a bug")) is None
+    missing = errors.classify(rules.RuleNotFound(7))
+    assert missing.body() == {"code": "not_found", "message": "No rule 7 in this workspace."}
+    duplicate = features.DuplicateFeature("id", "feature 'x' already exists")
+    assert (duplicate.status, duplicate.code) == (409, "conflict")
+    assert duplicate.errors == {"id": ["feature 'x' already exists"]}

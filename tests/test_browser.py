@@ -16,10 +16,10 @@ import pytest
 import requests
 from sqlalchemy import func, select
 
-from kana.dashboard import accounts
 from kana.db import SessionLocal, read_only
-from kana.domain import identity
+from kana.domain import accounts, identity
 from kana.models import Audit, Event, User
+from tests.helpers import make_user
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
@@ -106,13 +106,6 @@ def log_in(page, operator: Operator, name: str | None = None) -> None:
         shot(page, name)
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("heading", name="Segment integration")).to_be_visible()
-
-
-def make_user(ws_id: int, user_id: str | None, created_at: datetime, **fields) -> int:
-    with SessionLocal.begin() as s:
-        user = identity.create_user(s, ws_id, user_id=user_id, **fields)
-        user.created_at = created_at
-        return user.kana_id
 
 
 def send(live_server: str, ws, calls: list[dict]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
-from decimal import Decimal
 
 import pytest
 from click.testing import CliRunner
@@ -13,7 +11,8 @@ from sqlalchemy import func, select
 import jobs
 from kana.cli import main as cli
 from kana.db import SessionLocal
-from kana.models import Event, Feature, Rule, Usage
+from kana.models import Event, Feature, Rule
+from tests.helpers import post_batch, track, usage_total
 
 
 @pytest.fixture
@@ -28,23 +27,6 @@ def kana(settings, redis):
         return result
 
     return run
-
-
-def post_batch(client, ws, calls) -> None:
-    resp = client.post("/v1/batch", json={"batch": calls}, headers=ws.headers)
-    assert resp.status_code == 200, resp.get_json()
-
-
-def track(user_id: str, props: dict) -> dict:
-    return {"type": "track", "userId": user_id, "event": "Used", "properties": props,
-            "messageId": f"m-{uuid.uuid4().hex}"}
-
-
-def usage_total(ws_id: int, feature_id: str) -> Decimal:
-    with SessionLocal() as s:
-        total = s.scalar(select(func.coalesce(func.sum(Usage.delta), 0)).where(
-            Usage.workspace_id == ws_id, Usage.feature_id == feature_id))
-    return Decimal(str(total))
 
 
 def statuses(ws_id: int) -> dict[str, int]:
@@ -118,6 +100,12 @@ def test_rule_create_with_redis_down_is_saved_and_says_reprocessing_was_not_queu
         assert s.scalar(select(func.count()).select_from(Rule).where(Rule.workspace_id == workspace.id)) == 1
 
 
+def test_queueing_with_redis_down_exits_75_and_says_why(kana, workspace):
+    result = kana("reprocess", "--workspace", workspace.id, "--async", REDIS_URL="redis://127.0.0.1:1/0")
+    assert result.exit_code == 75, result.output
+    assert "Redis" in result.output and "unreachable" in result.output
+
+
 def test_feature_update_name_and_type(kana, workspace):
     assert kana("feature", "create", "--workspace", workspace.id, "sso", "--name", "SSO",
                 "--type", "binary").exit_code == 0
@@ -149,7 +137,7 @@ def test_feature_update_name_and_type(kana, workspace):
 def test_feature_delete_needs_force_when_it_has_usage(kana, client, workspace, work):
     ws = workspace.id
     assert kana("feature", "create", "--workspace", ws, "credits").exit_code == 0
-    post_batch(client, workspace, [track("u1", {"featureId": "credits", "delta": 4})])
+    post_batch(client, workspace, [track("u1", props={"featureId": "credits", "delta": 4})])
     work()
     assert usage_total(ws, "credits") == 4
 

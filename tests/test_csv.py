@@ -16,13 +16,9 @@ from kana.db import SessionLocal
 from kana.domain import flags, identity
 from kana.imports import csvfile
 from kana.models import Alias, Audit, CsvImport, User
+from tests.helpers import add_user, users_of
 
 HEADER = "kana_id,user_id,name,email,billing_id,created_at"
-
-
-def add(session, ws, *, user_id=None, email=None, billing_id=None, name=None, source="api") -> User:
-    return identity.create_user(session, ws, user_id=user_id, email=email, billing_id=billing_id, name=name,
-                                billing_provider="stripe" if billing_id else None, source=source)
 
 
 def export(session, ws, **kw) -> str:
@@ -39,18 +35,13 @@ def run(session, ws, text: str | bytes, provider=None):
     return {r.line: r for r in csvfile.apply_rows(session, ws, provider, parsed.rows(), actor="test").results}
 
 
-def users(session, ws) -> list[User]:
-    session.flush()
-    return list(session.scalars(select(User).where(User.workspace_id == ws).order_by(User.kana_id)))
-
-
 # --- export -------------------------------------------------------------------------------
 
 
 def test_export_columns_order_utf8_and_chunks(session, workspace):
     ws = workspace.id
-    a = add(session, ws, user_id="u1", email="zoë@example.com", name="Zoë Ünïcode", billing_id="cus_1")
-    b = add(session, ws, email="x@example.com")
+    a = add_user(session, ws, user_id="u1", email="zoë@example.com", name="Zoë Ünïcode", billing_id="cus_1")
+    b = add_user(session, ws, email="x@example.com")
     pieces = list(csvfile.export_lines(session, ws, chunk=1))
     assert pieces[0] == HEADER + "\r\n"
     assert len(pieces) == 3  # header + one piece per chunk: nothing is accumulated
@@ -70,7 +61,7 @@ def test_protect_roundtrips_and_defuses_formulas(value):
 
 
 def test_export_is_formula_injection_safe(session, workspace):
-    add(session, workspace.id, user_id="=cmd|' /C calc'!A0", name="@SUM(1+1)", email="-x@example.com")
+    add_user(session, workspace.id, user_id="=cmd|' /C calc'!A0", name="@SUM(1+1)", email="-x@example.com")
     row = rows_of(export(session, workspace.id))[0]
     assert row["user_id"] == "'=cmd|' /C calc'!A0"
     assert row["name"] == "'@SUM(1+1)" and row["email"] == "'-x@example.com"
@@ -78,10 +69,10 @@ def test_export_is_formula_injection_safe(session, workspace):
 
 def test_export_only_flagged_users(session, workspace):
     ws = workspace.id
-    a = add(session, ws, user_id="a", billing_id="cus_1", email="same@example.com")
-    b = add(session, ws, user_id="b", billing_id="cus_2", email="same@example.com")
-    c = add(session, ws, user_id="c")
-    add(session, ws, user_id="d", billing_id="cus_4")
+    a = add_user(session, ws, user_id="a", billing_id="cus_1", email="same@example.com")
+    b = add_user(session, ws, user_id="b", billing_id="cus_2", email="same@example.com")
+    c = add_user(session, ws, user_id="c")
+    add_user(session, ws, user_id="d", billing_id="cus_4")
     flags.refresh(session, ws)
     ids = {f: {int(r["kana_id"]) for r in rows_of(export(session, ws, flag=f))}
            for f in ("missing_billing_id", "duplicate_email", "any")}
@@ -123,6 +114,9 @@ def test_size_limit_and_header_variants():
 
 
 # --- import rules -------------------------------------------------------------------------
+# A row with a user_id is an identify: the SPEC §4.1 matrix runs over CSV rows and
+# Segment identifies alike in test_identity.py. Here: what only a file has (kana_id
+# and email-only addressing, row errors, chunks, re-imports).
 
 
 def test_import_creates_by_user_id_and_by_email(session, workspace):
@@ -131,7 +125,7 @@ def test_import_creates_by_user_id_and_by_email(session, workspace):
                                "u1,ann@example.com,Ann,cus_A\n"
                                ",bob@example.com,Bob,\n")
     assert [results[2].status, results[3].status] == ["created", "created"]
-    ann, bob = users(session, ws)
+    ann, bob = users_of(session, ws)
     assert (ann.user_id, ann.email_key, ann.billing_id, ann.billing_provider, ann.source) == (
         "u1", "ann@example.com", "cus_A", "stripe", "csv")
     assert (bob.user_id, bob.name) == (None, "Bob")
@@ -140,9 +134,9 @@ def test_import_creates_by_user_id_and_by_email(session, workspace):
 
 def test_import_matches_kana_id_then_user_id_then_single_unclaimed_email(session, workspace):
     ws = workspace.id
-    a = add(session, ws, user_id="u1", email="a@example.com")
-    b = add(session, ws, user_id="u2")
-    s = add(session, ws, email="s@example.com", billing_id="cus_S", source="stripe")
+    a = add_user(session, ws, user_id="u1", email="a@example.com")
+    b = add_user(session, ws, user_id="u2")
+    s = add_user(session, ws, email="s@example.com", billing_id="cus_S", source="stripe")
     session.add(Alias(workspace_id=ws, alias="old-u2", kana_id=b.kana_id))
     results = run(session, ws, f"kana_id,user_id,name,email\n"
                                f"{a.kana_id},,Ann,\n"
@@ -151,37 +145,29 @@ def test_import_matches_kana_id_then_user_id_then_single_unclaimed_email(session
     assert [results[n].status for n in (2, 3, 4)] == ["updated", "updated", "updated"]
     assert (a.name, b.name, s.name, s.email) == ("Ann", "Bee", "Stripe Sam", "S@example.com")
     assert [results[n].kana_id for n in (2, 3, 4)] == [a.kana_id, b.kana_id, s.kana_id]
-    assert len(users(session, ws)) == 3
-
-
-def test_import_new_user_id_claims_the_single_unclaimed_user_of_its_email(session, workspace):
-    ws = workspace.id
-    s = add(session, ws, email="Ann@example.com", billing_id="cus_A", source="stripe")
-    results = run(session, ws, "user_id,email\nu1,ann@example.com\n")
-    assert results[2].status == "updated" and results[2].kana_id == s.kana_id
-    assert s.user_id == "u1" and len(users(session, ws)) == 1
+    assert len(users_of(session, ws)) == 3
 
 
 def test_import_ambiguous_email_fails_the_row_only(session, workspace):
     ws = workspace.id
-    add(session, ws, email="dup@example.com", billing_id="cus_1")
-    add(session, ws, email="dup@example.com", billing_id="cus_2")
+    add_user(session, ws, email="dup@example.com", billing_id="cus_1")
+    add_user(session, ws, email="dup@example.com", billing_id="cus_2")
     results = run(session, ws, "email,name\ndup@example.com,X\nnew@example.com,New\n")
     assert results[2].status == "failed" and "matches 2 users without a user_id" in results[2].errors["email"]
     assert results[3].status == "created"
     # A user_id row with that email creates a user and merges nothing (identify rule 2).
     results = run(session, ws, "user_id,email\nu9,dup@example.com\n")
-    assert results[2].status == "created" and len(users(session, ws)) == 4
+    assert results[2].status == "created" and len(users_of(session, ws)) == 4
 
 
 def test_import_kana_id_row_with_another_users_user_id_merges_them(session, workspace):
     ws = workspace.id
-    stripe_user = add(session, ws, email="ann@example.com", billing_id="cus_A", source="stripe")
-    segment_user = add(session, ws, user_id="u1", email="ann@example.com")
-    other = add(session, ws, email="ann@example.com", billing_id="cus_Z", source="stripe")
+    stripe_user = add_user(session, ws, email="ann@example.com", billing_id="cus_A", source="stripe")
+    segment_user = add_user(session, ws, user_id="u1", email="ann@example.com")
+    other = add_user(session, ws, email="ann@example.com", billing_id="cus_Z", source="stripe")
     results = run(session, ws, f"kana_id,user_id\n{stripe_user.kana_id},u1\n")
     assert results[2].status == "merged"
-    remaining = users(session, ws)
+    remaining = users_of(session, ws)
     assert [u.kana_id for u in remaining] == [stripe_user.kana_id, other.kana_id]
     assert stripe_user.user_id == "u1" and identity.find_user(session, ws, "u1") is stripe_user
     audit = session.scalar(select(Audit).where(Audit.workspace_id == ws, Audit.action == "merge"))
@@ -190,30 +176,29 @@ def test_import_kana_id_row_with_another_users_user_id_merges_them(session, work
     assert audit.detail["line"] == 2
 
 
-def test_import_claimed_user_with_email_merges_single_unclaimed_match(session, workspace):
+def test_a_later_row_naming_a_user_merged_away_by_an_earlier_one_finds_it_gone(session, workspace):
     ws = workspace.id
-    a = add(session, ws, user_id="u1")
-    s = add(session, ws, email="ann@example.com", billing_id="cus_A", source="stripe")
-    results = run(session, ws, "user_id,email,name\nu1,ann@example.com,Ann\n")
-    assert results[2].status == "merged"
-    (survivor,) = users(session, ws)
-    assert survivor.kana_id == a.kana_id  # created first
-    assert (survivor.user_id, survivor.billing_id, survivor.name) == ("u1", "cus_A", "Ann")
-    assert s.kana_id not in {u.kana_id for u in users(session, ws)}
+    s = add_user(session, ws, email="ann@example.com", billing_id="cus_A", name="Ann", source="stripe")
+    a = add_user(session, ws, user_id="u1")
+    results = run(session, ws, f"kana_id,user_id,name\n{s.kana_id},u1,\n{a.kana_id},,Gone\n{a.kana_id},u1,Annie\n")
+    assert results[2].status == "merged" and [u.kana_id for u in users_of(session, ws)] == [s.kana_id]
+    assert results[3].status == "failed" and "no user with kana_id" in results[3].errors["kana_id"]
+    # Its user_id leads to the survivor, whose values win (fill-only).
+    assert results[4].status == "unchanged" and results[4].kana_id == s.kana_id and s.name == "Ann"
 
 
 def test_import_never_merges_conflicting_billing_ids(session, workspace):
     ws = workspace.id
-    a = add(session, ws, email="a@example.com", billing_id="cus_1", source="stripe")
-    add(session, ws, user_id="u1", billing_id="cus_2")
+    a = add_user(session, ws, email="a@example.com", billing_id="cus_1", source="stripe")
+    add_user(session, ws, user_id="u1", billing_id="cus_2")
     results = run(session, ws, f"kana_id,user_id\n{a.kana_id},u1\n")
     assert results[2].status == "failed" and "billing id" in results[2].errors["user_id"]
-    assert len(users(session, ws)) == 2 and a.user_id is None
+    assert len(users_of(session, ws)) == 2 and a.user_id is None
 
 
 def test_import_row_errors_name_field_and_line(session, workspace):
     ws = workspace.id
-    u = add(session, ws, user_id="u1")
+    u = add_user(session, ws, user_id="u1")
     text = ("user_id,email,billing_id,kana_id,name\n"
             "u2,not-an-email,,,\n"
             "u3,,cus_ok,,\"multi\nline name\"\n"
@@ -234,7 +219,7 @@ def test_import_row_errors_name_field_and_line(session, workspace):
     assert "no user with kana_id 999999999" in results[9].errors["kana_id"]
     assert "has 6 cells" in results[10].errors["row"]
     assert "placeholder" in results[11].errors["user_id"]
-    assert {u.user_id for u in users(session, ws)} == {"u1", "u3"}
+    assert {u.user_id for u in users_of(session, ws)} == {"u1", "u3"}
 
 
 def test_database_refusal_fails_only_that_row(session, workspace):
@@ -251,35 +236,36 @@ def test_database_refusal_fails_only_that_row(session, workspace):
         event.remove(Session, "before_flush", refuse)
     assert [results[n].status for n in (2, 3, 4)] == ["created", "failed", "created"]
     assert "simulated constraint violation" in results[3].errors["row"]
-    assert {u.user_id for u in users(session, workspace.id)} == {"u1", "u3"}
+    assert {u.user_id for u in users_of(session, workspace.id)} == {"u1", "u3"}
 
 
 def test_reimporting_the_export_changes_nothing(session, workspace):
     ws = workspace.id
-    add(session, ws, user_id="=risky", name="@me", email="a@example.com", billing_id="cus_1")
-    add(session, ws, email="a@example.com", billing_id="cus_2", source="stripe")
-    add(session, ws, email="b@example.com", source="stripe")
-    add(session, ws, user_id="u3", name="Zoë")
+    add_user(session, ws, user_id="=risky", name="@me", email="a@example.com", billing_id="cus_1")
+    add_user(session, ws, email="a@example.com", billing_id="cus_2", source="stripe")
+    add_user(session, ws, email="b@example.com", source="stripe")
+    add_user(session, ws, user_id="u3", name="Zoë")
     flags.refresh(session, ws)
-    before = [(u.kana_id, u.user_id, u.name, u.email, u.billing_id, u.updated_at) for u in users(session, ws)]
+    before = [(u.kana_id, u.user_id, u.name, u.email, u.billing_id, u.updated_at) for u in users_of(session, ws)]
     text = export(session, ws)
     results = run(session, ws, text)
     assert {r.status for r in results.values()} == {"unchanged"}
-    assert [(u.kana_id, u.user_id, u.name, u.email, u.billing_id, u.updated_at) for u in users(session, ws)] == before
+    after = [(u.kana_id, u.user_id, u.name, u.email, u.billing_id, u.updated_at) for u in users_of(session, ws)]
+    assert after == before
     assert session.scalar(select(Audit).where(Audit.workspace_id == ws, Audit.action == "merge")) is None
 
 
 def test_reimporting_a_file_that_created_and_merged_is_a_no_op(session, workspace):
     ws = workspace.id
-    s = add(session, ws, email="ann@example.com", billing_id="cus_A", source="stripe")
-    add(session, ws, user_id="u1")
+    s = add_user(session, ws, email="ann@example.com", billing_id="cus_A", source="stripe")
+    add_user(session, ws, user_id="u1")
     text = (f"kana_id,user_id,email,name,billing_id\n{s.kana_id},u1,,Ann,\n,u2,b@example.com,Bob,cus_B\n"
             ",,c@example.com,Cy,\n")
     first = run(session, ws, text)
     assert [first[n].status for n in (2, 3, 4)] == ["merged", "created", "created"]
     second = run(session, ws, text)
     assert {r.status for r in second.values()} == {"unchanged"}
-    assert len(users(session, ws)) == 3
+    assert len(users_of(session, ws)) == 3
 
 
 # --- the import as a job, through the API, and the CLI -------------------------------------
@@ -288,7 +274,7 @@ def test_reimporting_a_file_that_created_and_merged_is_a_no_op(session, workspac
 def test_api_import_job_progress_and_report(client, workspace, work):
     ws = workspace.id
     with SessionLocal.begin() as s:
-        existing = add(s, ws, user_id="u0", name="Old")
+        existing = add_user(s, ws, user_id="u0", name="Old")
     lines = [f"u{i},User {i},u{i}@example.com" for i in range(1, 2500)] + ["u0,New,", "bad,,nope"]
     data = ("user_id,name,email\n" + "\n".join(lines) + "\n").encode()
     resp = client.post("/api/v1/imports/csv", headers=workspace.headers,
@@ -334,8 +320,8 @@ def test_api_refuses_bad_files_before_queueing(client, workspace):
 
 def test_api_export_streams_csv(client, workspace):
     with SessionLocal.begin() as s:
-        add(s, workspace.id, user_id="u1", name="=1+1")
-        add(s, workspace.id, user_id="u2", billing_id="cus_2")
+        add_user(s, workspace.id, user_id="u1", name="=1+1")
+        add_user(s, workspace.id, user_id="u2", billing_id="cus_2")
         flags.refresh(s, workspace.id)
     resp = client.get("/api/v1/exports/users.csv", headers=workspace.headers)
     assert resp.status_code == 200 and resp.is_streamed
@@ -353,7 +339,7 @@ def test_api_export_streams_csv(client, workspace):
 
 def test_cli_export_and_import_round_trip(settings, workspace, tmp_path):
     with SessionLocal.begin() as s:
-        add(s, workspace.id, user_id="u1", email="a@example.com")
+        add_user(s, workspace.id, user_id="u1", email="a@example.com")
     env = {"DATABASE_URL": settings.database_url}
     out = tmp_path / "users.csv"
     result = CliRunner().invoke(cli, ["export", "csv", "--workspace", str(workspace.id), "-o", str(out)], env=env)

@@ -10,15 +10,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import func, select
 
 from kana.cli import main as cli
-from kana.dashboard import accounts, charts, timeline
+from kana.dashboard import charts, timeline
 from kana.db import SessionLocal
-from kana.domain import flags, identity, rules
+from kana.domain import accounts, flags, identity, rules
 from kana.ingest import spool
 from kana.models import ApiKey, Audit, DashboardAdmin, DeadLetter, Event, Feature, User, Workspace
 from tests.fakes import fake_stripe, worker_settings  # noqa: F401 - fixtures
+from tests.helpers import make_user
 
 PASSWORD = "correct horse battery staple"
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
@@ -81,14 +83,6 @@ def browser(client, admin):
     resp = log_in(client, admin.email)
     assert resp.status_code == 302, resp.get_data(as_text=True)
     return client
-
-
-def make_user(ws_id: int, user_id: str | None = None, created_at: datetime | None = None, **fields) -> int:
-    with SessionLocal.begin() as s:
-        user = identity.create_user(s, ws_id, user_id=user_id, **fields)
-        if created_at is not None:
-            user.created_at = created_at
-        return user.kana_id
 
 
 def exists(kana_id: int) -> bool:
@@ -170,8 +164,8 @@ def test_login_never_redirects_off_site(client, admin):
     assert resp.location.endswith("/dashboard/keys")
 
 
-def test_login_attempts_are_rate_limited(client, app, admin):
-    limit = app.extensions["kana"].settings.login_attempts
+def test_login_attempts_are_rate_limited(client, runtime, admin):
+    limit = runtime.settings.login_attempts
     for _ in range(limit):
         assert log_in(client, admin.email, "not the password").status_code == 401
     # Past the limit even the right password is refused until the window passes.
@@ -182,8 +176,8 @@ def test_login_attempts_are_rate_limited(client, app, admin):
     assert client.get("/dashboard/").status_code == 302
 
 
-def test_rate_limit_counts_per_address_across_emails(client, app, admin):
-    limit = app.extensions["kana"].settings.login_attempts
+def test_rate_limit_counts_per_address_across_emails(client, runtime, admin):
+    limit = runtime.settings.login_attempts
     for i in range(limit):
         log_in(client, f"guess{i}@acme.test", "whatever password")
     assert log_in(client, admin.email).status_code == 429
@@ -343,12 +337,12 @@ def test_an_admin_sees_and_changes_only_their_workspace(browser, admin, new_work
     assert "their-user" not in csv and "my-user" in csv
 
 
-def test_jobs_and_imports_of_another_workspace_are_not_found(browser, new_workspace, app):
+def test_jobs_and_imports_of_another_workspace_are_not_found(browser, new_workspace, runtime):
     other = new_workspace("other")
-    from jobs import flags as flag_jobs
     from kana.imports import csvfile
+    from kana.services import flags as flag_actions
 
-    job_id = flag_jobs.enqueue_refresh(app.extensions["kana"].queue, other.id)
+    job_id = flag_actions.refresh(runtime, other.id)
     assert browser.get(f"/dashboard/jobs/{job_id}.json").status_code == 404
     assert "Refreshing" not in text(browser.get(f"/dashboard/?job={job_id}"))
     with SessionLocal.begin() as s:
@@ -596,6 +590,27 @@ def test_dead_letter_retry_requeues_the_call(browser, admin, redis, runtime):
     with SessionLocal() as s:
         assert s.get(DeadLetter, dead_id) is None
     assert spool.depth(redis, runtime.settings.partitions) == 1
+
+
+def test_dead_letter_retry_with_redis_down_keeps_the_row_and_says_so(browser, admin, monkeypatch):
+    with SessionLocal.begin() as s:
+        row = DeadLetter(workspace_id=admin.workspace_id, message_id="m-kept", user_id="u-kept", error="boom",
+                         payload={"type": "track", "userId": "u-kept", "messageId": "m-kept", "event": "E"})
+        s.add(row)
+        s.flush()
+        dead_id = row.id
+    token_page = "/dashboard/events/failed"
+    browser.get(token_page)
+
+    def down(*args, **kwargs):
+        raise RedisConnectionError("redis is gone")
+
+    monkeypatch.setattr(spool, "push", down)
+    resp = post(browser, f"/dashboard/events/failed/{dead_id}/retry", token_from=token_page)
+    assert resp.status_code == 302 and resp.location.endswith("/dashboard/events/failed")
+    assert "unreachable" in text(browser.get(resp.location))
+    with SessionLocal() as s:
+        assert s.get(DeadLetter, dead_id) is not None
 
 
 def test_keys_are_shown_once_listed_by_prefix_and_revocable(browser, admin):

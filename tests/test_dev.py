@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT
+from tests.helpers import wait_until
 from tests.test_faults import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="runs the banner's curl calls")

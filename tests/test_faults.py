@@ -27,8 +27,8 @@ from redis import Redis
 
 from kana.ingest import spool
 from kana.models import Event
-from tests.conftest import ROOT, make_workspace, wait_until, worker_env
-from tests.test_pipeline import add_feature, count, usage_total
+from tests.conftest import ROOT, make_workspace, worker_env
+from tests.helpers import add_feature, count, usage_total, wait_until
 
 pytestmark = [
     pytest.mark.faults,

@@ -13,11 +13,7 @@ from kana.cli import main as cli
 from kana.db import SessionLocal, get_engine
 from kana.domain import flags, identity
 from kana.models import FlagRefresh, User, UserFlag
-
-
-def add(session, ws, *, user_id=None, email=None, billing_id=None, name=None) -> User:
-    return identity.create_user(session, ws, user_id=user_id, email=email, billing_id=billing_id, name=name,
-                                billing_provider="stripe" if billing_id else None, source="api")
+from tests.helpers import add_user
 
 
 def flag_rows(session, ws) -> set[tuple[str, int, str | None]]:
@@ -27,10 +23,10 @@ def flag_rows(session, ws) -> set[tuple[str, int, str | None]]:
 
 def test_refresh_flags_missing_billing_and_shared_emails(session, workspace):
     ws = workspace.id
-    a = add(session, ws, user_id="a", email="Shared@Example.com")
-    b = add(session, ws, user_id="b", email="shared@example.com ", billing_id="cus_B")
-    c = add(session, ws, email="solo@example.com", billing_id="cus_C")
-    d = add(session, ws, user_id="d")
+    a = add_user(session, ws, user_id="a", email="Shared@Example.com")
+    b = add_user(session, ws, user_id="b", email="shared@example.com ", billing_id="cus_B")
+    c = add_user(session, ws, email="solo@example.com", billing_id="cus_C")
+    d = add_user(session, ws, user_id="d")
     counts = flags.refresh(session, ws)
     assert (counts["missing_billing_id"], counts["duplicate_email"], counts["duplicate_groups"]) == (2, 2, 1)
     assert flag_rows(session, ws) == {
@@ -42,14 +38,14 @@ def test_refresh_flags_missing_billing_and_shared_emails(session, workspace):
 
 def test_refresh_writes_only_the_difference_and_follows_changes(session, workspace):
     ws = workspace.id
-    a = add(session, ws, user_id="a", email="x@example.com")
-    b = add(session, ws, user_id="b", email="x@example.com")
-    c = add(session, ws, user_id="c", email="y@example.com", billing_id="cus_C")
+    a = add_user(session, ws, user_id="a", email="x@example.com")
+    b = add_user(session, ws, user_id="b", email="x@example.com")
+    c = add_user(session, ws, user_id="c", email="y@example.com", billing_id="cus_C")
     flags.refresh(session, ws)
     # a gets a billing id, b moves to c's email, a new user shares x with a.
     a.billing_id = "cus_A"
     b.email, b.email_key = "Y@example.com", "y@example.com"
-    e = add(session, ws, user_id="e", email="x@example.com", billing_id="cus_E")
+    e = add_user(session, ws, user_id="e", email="x@example.com", billing_id="cus_E")
     session.flush()
     counts = flags.refresh(session, ws)
     assert flag_rows(session, ws) == {
@@ -69,8 +65,8 @@ def test_refresh_writes_only_the_difference_and_follows_changes(session, workspa
 
 def test_flags_are_per_workspace(session, workspace, new_workspace):
     other = new_workspace("other")
-    add(session, workspace.id, user_id="a", email="same@example.com", billing_id="cus_1")
-    add(session, other.id, user_id="a", email="same@example.com")
+    add_user(session, workspace.id, user_id="a", email="same@example.com", billing_id="cus_1")
+    add_user(session, other.id, user_id="a", email="same@example.com")
     assert flags.refresh(session, workspace.id)["duplicate_email"] == 0
     assert flags.refresh(session, other.id)["missing_billing_id"] == 1
     assert flags.refresh(session, workspace.id)["missing_billing_id"] == 0
@@ -85,7 +81,7 @@ def test_summary_shape_groups_and_pagination(session, workspace):
     }
     groups = {}
     for i in range(5):
-        users = [add(session, ws, user_id=f"u{i}-{j}", email=f"g{i}@example.com") for j in range(2)]
+        users = [add_user(session, ws, user_id=f"u{i}-{j}", email=f"g{i}@example.com") for j in range(2)]
         groups[f"g{i}@example.com"] = [u.kana_id for u in users]
     flags.refresh(session, ws)
     page = flags.summary(session, ws, groups_limit=2)
@@ -110,9 +106,9 @@ def test_summary_shape_groups_and_pagination(session, workspace):
 
 def test_flagged_user_ids_query_filters_users(session, workspace):
     ws = workspace.id
-    a = add(session, ws, user_id="a", email="d@example.com", billing_id="cus_A")
-    b = add(session, ws, user_id="b", email="d@example.com")
-    add(session, ws, user_id="c", billing_id="cus_C")
+    a = add_user(session, ws, user_id="a", email="d@example.com", billing_id="cus_A")
+    b = add_user(session, ws, user_id="b", email="d@example.com")
+    add_user(session, ws, user_id="c", billing_id="cus_C")
     flags.refresh(session, ws)
 
     def ids(flag):
@@ -145,7 +141,7 @@ def test_refresh_is_atomic_for_readers(workspace):
     ws = workspace.id
     with SessionLocal.begin() as s:
         for i in range(20):
-            add(s, ws, user_id=f"u{i}")
+            add_user(s, ws, user_id=f"u{i}")
         flags.refresh(s, ws)
     assert _reader_counts(ws) == (20, 20)
     with SessionLocal.begin() as s:
@@ -167,7 +163,7 @@ def test_concurrent_refreshes_of_one_workspace_serialise(workspace):
     ws = workspace.id
     with SessionLocal.begin() as s:
         for i in range(10):
-            add(s, ws, user_id=f"u{i}", email="same@example.com")
+            add_user(s, ws, user_id=f"u{i}", email="same@example.com")
     errors: list[BaseException] = []
     first = SessionLocal()
     first.begin()
@@ -195,9 +191,9 @@ def test_concurrent_refreshes_of_one_workspace_serialise(workspace):
 def test_refresh_all_covers_every_workspace(workspace, new_workspace):
     other = new_workspace("other")
     with SessionLocal.begin() as s:
-        add(s, workspace.id, user_id="a")
-        add(s, other.id, user_id="a")
-        add(s, other.id, user_id="b")
+        add_user(s, workspace.id, user_id="a")
+        add_user(s, other.id, user_id="a")
+        add_user(s, other.id, user_id="b")
     results = flags.refresh_all(SessionLocal)
     assert results[workspace.id]["missing_billing_id"] == 1
     assert results[other.id]["missing_billing_id"] == 2
@@ -207,8 +203,8 @@ def test_api_flags_before_and_after_an_on_demand_refresh(client, workspace, work
     body = client.get("/api/v1/flags", headers=workspace.headers).get_json()
     assert body["missing_billing_id"] == {"count": 0} and body["refreshed_at"] is None
     with SessionLocal.begin() as s:
-        a = add(s, workspace.id, user_id="a", email="dup@example.com")
-        b = add(s, workspace.id, email="DUP@example.com", billing_id="cus_1")
+        a = add_user(s, workspace.id, user_id="a", email="dup@example.com")
+        b = add_user(s, workspace.id, email="DUP@example.com", billing_id="cus_1")
     resp = client.post("/api/v1/flags/refresh", headers=workspace.headers)
     assert resp.status_code == 202
     job_id = resp.get_json()["job_id"]
@@ -240,7 +236,7 @@ def test_cron_registers_the_refresh_at_the_configured_interval(redis, monkeypatc
     assert jobs["flags-refresh"].interval == 120
     assert jobs["flags-refresh"].func_name == "jobs.flags.refresh_all"
     with SessionLocal.begin() as s:
-        add(s, workspace.id, user_id="a")
+        add_user(s, workspace.id, user_id="a")
     jobs["flags-refresh"].enqueue(redis)
     work()
     with SessionLocal() as s:
@@ -249,7 +245,7 @@ def test_cron_registers_the_refresh_at_the_configured_interval(redis, monkeypatc
 
 def test_cli_flags_refresh(settings, workspace):
     with SessionLocal.begin() as s:
-        add(s, workspace.id, user_id="a")
+        add_user(s, workspace.id, user_id="a")
     env = {"DATABASE_URL": settings.database_url}
     result = CliRunner().invoke(cli, ["flags", "refresh", "--workspace", str(workspace.id)], env=env)
     assert result.exit_code == 0, result.output

@@ -5,56 +5,22 @@ from __future__ import annotations
 import json
 import signal
 import time
-import uuid
-from decimal import Decimal
 
 import pytest
 from sqlalchemy import func, select
 
-from kana.db import SessionLocal, read_only
+from jobs import maintenance
+from kana.db import SessionLocal
 from kana.ingest import spool
-from kana.models import DeadLetter, Event, Feature, Usage, User
-from tests.conftest import wait_until
-
-
-def add_feature(ws_id: int, feature_id: str = "messages") -> None:
-    with SessionLocal.begin() as s:
-        s.add(Feature(workspace_id=ws_id, id=feature_id, name=feature_id.title(), type="consumable"))
-
-
-def usage_total(ws_id: int, feature_id: str = "messages") -> Decimal:
-    # Read-only: on SQLite these polls must not queue behind the workers' writes.
-    with read_only(SessionLocal()) as s:
-        return s.scalar(
-            select(func.coalesce(func.sum(Usage.delta), 0)).where(
-                Usage.workspace_id == ws_id, Usage.feature_id == feature_id
-            )
-        )
-
-
-def count(model, ws_id: int) -> int:
-    with read_only(SessionLocal()) as s:
-        return s.scalar(select(func.count()).select_from(model).where(model.workspace_id == ws_id))
-
-
-def track(user_id: str, n: int = 1, delta=None, feature: str = "messages", message_id: str | None = None) -> dict:
-    props = {"featureId": feature}
-    if delta is not None:
-        props["delta"] = delta
-    call = {"type": "track", "userId": user_id, "event": "Message Sent", "properties": props}
-    call["messageId"] = message_id or f"m-{uuid.uuid4().hex}"
-    return call
-
-
-def post_batch(client, ws, calls):
-    resp = client.post("/v1/batch", json={"batch": calls}, headers=ws.headers)
-    assert resp.status_code == 200, resp.get_json()
-    return resp
+from kana.models import DeadLetter, Event, User
+from tests.helpers import add_feature, add_user, count, post_batch, track, usage_total, wait_until
 
 
 def test_track_with_feature_records_usage_once_per_message(client, workspace, work):
     add_feature(workspace.id)
-    calls = [track("u1", delta=2, message_id="a"), track("u1", message_id="b"), track("u2", delta=-1, message_id="c")]
+    calls = [track("u1", feature="messages", delta=2, message_id="a"),
+             track("u1", feature="messages", message_id="b"),
+             track("u2", feature="messages", delta=-1, message_id="c")]
     for _ in range(3):  # the same deliveries three times
         post_batch(client, workspace, calls)
     work()
@@ -101,7 +67,7 @@ def test_identify_group_alias_through_http(client, workspace, work):
 
 def test_gdpr_delete_call_removes_the_user(client, workspace, work):
     add_feature(workspace.id)
-    post_batch(client, workspace, [track("gone", message_id="t1"),
+    post_batch(client, workspace, [track("gone", feature="messages", message_id="t1"),
                                    {"type": "identify", "userId": "gone", "traits": {"email": "g@x.io"},
                                     "messageId": "i1"}])
     work()
@@ -169,7 +135,7 @@ def test_segment_library_end_to_end(live_server, workspace, work):
 def test_worker_killed_mid_batch_loses_and_doubles_nothing(settings, client, workspace, spawn_worker, runtime):
     add_feature(workspace.id)
     n = 6000
-    calls = [track(f"user-{i % 40}", message_id=f"k{i}") for i in range(n)]
+    calls = [track(f"user-{i % 40}", feature="messages", message_id=f"k{i}") for i in range(n)]
     for i in range(0, n, 500):
         post_batch(client, workspace, calls[i : i + 500])
     victim = spawn_worker()
@@ -185,22 +151,22 @@ def test_worker_killed_mid_batch_loses_and_doubles_nothing(settings, client, wor
         post_batch(client, workspace, calls[i : i + 500])
     spawn_worker()
     time.sleep(settings.lock_ttl + 0.5)
-    from jobs import maintenance
 
-    wait_until(lambda: (maintenance.recover() or True) and count(Event, workspace.id) == n
-               and spool.depth(runtime.redis, settings.partitions) == 0, timeout=120, interval=1)
+    def recovered() -> bool:
+        maintenance.recover()  # what the scheduler runs every 30 s, here every poll
+        return count(Event, workspace.id) == n and spool.depth(runtime.redis, settings.partitions) == 0
+
+    wait_until(recovered, timeout=120, interval=1)
     assert usage_total(workspace.id) == n
 
 
 def test_concurrent_workers_never_duplicate_a_user_or_lose_a_merge(client, workspace, spawn_worker, runtime):
     # Unclaimed users (as a Stripe import makes), then interleaved identify calls
     # for the same userIds and emails processed by three workers at once.
-    from kana.domain import identity
-
     emails = [f"person{i}@example.com" for i in range(30)]
     with SessionLocal.begin() as s:
         for e in emails:
-            identity.create_user(s, workspace.id, email=e, billing_id=None, source="stripe")
+            add_user(s, workspace.id, email=e, source="stripe")
     calls = []
     for round_ in range(4):
         for i, e in enumerate(emails):
@@ -235,8 +201,8 @@ def test_workspace_isolation_on_processing(client, workspace, new_workspace, wor
     other = new_workspace("other")
     add_feature(workspace.id)
     add_feature(other.id)
-    post_batch(client, workspace, [track("same-id", delta=5, message_id="same")])
-    post_batch(client, other, [track("same-id", delta=7, message_id="same")])
+    post_batch(client, workspace, [track("same-id", feature="messages", delta=5, message_id="same")])
+    post_batch(client, other, [track("same-id", feature="messages", delta=7, message_id="same")])
     work()
     assert usage_total(workspace.id) == 5 and usage_total(other.id) == 7
     resp = client.get("/api/v1/users?user_id=same-id", headers=other.headers).get_json()["users"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
-import uuid
 from decimal import Decimal
 
 import pytest
@@ -14,53 +12,14 @@ from sqlalchemy import func, select
 from kana.db import SessionLocal
 from kana.domain import reprocess, rules, usage
 from kana.models import Event, Feature, Rule, Usage, User
+from tests.helpers import add_feature, count, post_batch, track, usage_total, wait_until
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-    return value
-
-
-def add_feature(ws_id: int, feature_id: str, kind: str = "consumable") -> None:
-    with SessionLocal.begin() as s:
-        s.add(Feature(workspace_id=ws_id, id=feature_id, name=feature_id.title(), type=kind))
 
 
 def add_rule(ws_id: int, **data) -> int:
     with SessionLocal.begin() as s:
         return rules.create_rule(s, ws_id, data).id
-
-
-def post_batch(client, ws, calls) -> None:
-    resp = client.post("/v1/batch", json={"batch": calls}, headers=ws.headers)
-    assert resp.status_code == 200, resp.get_json()
-
-
-def track(user_id: str, event: str, props: dict | None = None, *, timestamp: str | None = None,
-          message_id: str | None = None) -> dict:
-    call = {"type": "track", "userId": user_id, "event": event, "properties": props or {},
-            "messageId": message_id or f"m-{uuid.uuid4().hex}"}
-    if timestamp:
-        call["timestamp"] = timestamp
-    return call
-
-
-def usage_total(ws_id: int, feature_id: str) -> Decimal:
-    with SessionLocal() as s:
-        total = s.scalar(select(func.coalesce(func.sum(Usage.delta), 0)).where(
-            Usage.workspace_id == ws_id, Usage.feature_id == feature_id))
-    return Decimal(str(total))
-
-
-def usage_rows(ws_id: int) -> int:
-    with SessionLocal() as s:
-        return s.scalar(select(func.count()).select_from(Usage).where(Usage.workspace_id == ws_id))
 
 
 def events_by_status(ws_id: int) -> dict[str, int]:
@@ -460,7 +419,7 @@ def test_new_rule_reprocesses_stored_events_at_their_original_time(client, works
         before = s.scalar(select(func.count()).select_from(Usage).where(Usage.workspace_id == workspace.id))
     again = reprocess.reprocess(SessionLocal, workspace.id)
     assert (again.scanned, again.mapped) == (3, 0)
-    assert usage_rows(workspace.id) == before == 2
+    assert count(Usage, workspace.id) == before == 2
     assert events_by_status(workspace.id) == {"mapped": 2, "unmapped": 3}
 
 
@@ -549,7 +508,7 @@ def test_concurrent_reprocessing_runs_never_double_usage(client, workspace, work
         t.join(timeout=120)
     assert failures == []
     assert sum(r.mapped for r in results) == n
-    assert usage_rows(workspace.id) == n and usage_total(workspace.id, "exports") == 2 * n
+    assert count(Usage, workspace.id) == n and usage_total(workspace.id, "exports") == 2 * n
     assert events_by_status(workspace.id) == {"mapped": n}
 
 
@@ -597,7 +556,7 @@ def test_reprocessing_with_live_traffic_and_workers_is_exact(app, client, worksp
     wait_until(lambda: sum(events_by_status(workspace.id).values()) == total, timeout=120, interval=0.2)
     wait_until(lambda: client.get(f"/api/v1/jobs/{job_id}", headers=workspace.headers)
                .get_json()["status"] == "finished", timeout=120, interval=0.2)
-    assert usage_rows(workspace.id) == expected
+    assert count(Usage, workspace.id) == expected
     assert usage_total(workspace.id, "exports") == expected
     # No csv event was left behind by a chunk that mapped with the rules from before the change.
     with SessionLocal() as s:

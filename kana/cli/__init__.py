@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError
 
 import config
+from kana import errors
+from kana.errors import KanaError
+
+# sysexits.h EX_TEMPFAIL: Redis or the database is down; running the command again later may work.
+EXIT_UNAVAILABLE = 75
+LOWER_CASE_OPENINGS = {"No", "Invalid"}
 
 
 def _settings() -> config.Settings:
@@ -21,7 +30,54 @@ def _session():  # noqa: ANN202
     return db.SessionLocal
 
 
-@click.group()
+def _runtime():  # noqa: ANN202
+    from kana.runtime import Runtime
+
+    return Runtime(_settings())
+
+
+class _Failed(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _failure(exc: Exception, params: dict[str, Any]) -> click.ClickException | None:
+    """The CLI's rendering of ``kana.errors``: a message in its own words and an exit code.
+
+    The openings the error model writes ("No rule 5 …", "Invalid feature id: …")
+    start lower-case like click's own messages (others may start with a name,
+    e.g. Stripe, and stay as they are), and "this workspace" is the one the
+    command named: the CLI has no workspace of its own.
+    """
+    known = errors.classify(exc)
+    if known is None:
+        return None
+    text = known.text.rstrip(".")
+    if text.split(" ", 1)[0] in LOWER_CASE_OPENINGS:
+        text = text[:1].lower() + text[1:]
+    if params.get("workspace_id") is not None:
+        text = text.replace("this workspace", f"workspace {params['workspace_id']}")
+    return _Failed(text, EXIT_UNAVAILABLE if known.status == 503 else 1)
+
+
+class _Command(click.Command):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (KanaError, RedisError, DBAPIError) as exc:
+            failure = _failure(exc, ctx.params)
+            if failure is None:
+                raise
+            raise failure from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # subgroups are _Group too
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """Kana's Segment destination."""
 
@@ -82,18 +138,15 @@ def key() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -> None:
     """Create an API key (printed once)."""
-    from kana.domain import keys
-    from kana.models import Workspace
+    from kana.services import keys
 
     with _session().begin() as s:
-        if s.get(Workspace, workspace_id) is None:
-            raise click.ClickException(f"no workspace {workspace_id}")
-        row, plain = keys.create_key(s, workspace_id, scope, name)
-        key_id = row.id
+        _require_workspace(s, workspace_id)
+    created = keys.create(workspace_id, scope, name)
     if as_json:
-        click.echo(json.dumps({"id": key_id, "scope": scope, "api_key": plain}))
+        click.echo(json.dumps({"id": created["id"], "scope": scope, "api_key": created["api_key"]}))
     else:
-        click.echo(f"key {key_id} ({scope}): {plain}")
+        click.echo(f"key {created['id']} ({scope}): {created['api_key']}")
 
 
 @key.command("revoke")
@@ -102,14 +155,12 @@ def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -
 def key_revoke(workspace_id: int, key_id: int) -> None:
     """Revoke an API key (takes effect within the key cache TTL)."""
     from kana import broker
-    from kana.domain import keys
+    from kana.services import keys
 
     settings = _settings()
+    _session()
     # Removes the key's Redis record too (kana.domain.keys); not worth starting an embedded Redis for.
-    redis = broker.connect(settings) if settings.redis_url else None
-    with _session().begin() as s:
-        if not keys.revoke_key(s, workspace_id, key_id, redis=redis):
-            raise click.ClickException(f"no key {key_id} in workspace {workspace_id}")
+    keys.revoke(workspace_id, key_id, redis=broker.connect(settings) if settings.redis_url else None)
     click.echo(f"key {key_id} revoked")
 
 
@@ -130,21 +181,6 @@ def feature() -> None:
     """Features usage is recorded against (the same rules as /api/v1/features)."""
 
 
-def _feature_error(exc) -> click.ClickException:  # noqa: ANN001
-    """A ``features.FeatureError`` in the CLI's words: the field it is about, then what is wrong."""
-    from kana.domain import features
-
-    if isinstance(exc, features.DuplicateFeature):
-        return click.ClickException(exc.message)
-    return click.ClickException(f"invalid feature {exc.field}: {exc.message}")
-
-
-def _feature_json(feature) -> dict:  # noqa: ANN001
-    from kana.serializers import feature_json
-
-    return feature_json(feature)
-
-
 @feature.command("create")
 @click.option("--workspace", "workspace_id", type=int, required=True)
 @click.argument("feature_id")
@@ -153,16 +189,12 @@ def _feature_json(feature) -> dict:  # noqa: ANN001
 @click.option("--json", "as_json", is_flag=True, help="Print the feature (and the reprocessing job id) as JSON.")
 def feature_create(workspace_id: int, feature_id: str, name: str | None, kind: str, as_json: bool) -> None:
     """Create a feature; queues reprocessing of stored events naming it."""
-    from kana.domain import features
+    from kana.services import features
 
-    try:
-        with _session().begin() as s:
-            _require_workspace(s, workspace_id)
-            body = _feature_json(features.create_feature(s, workspace_id, feature_id, name, kind))
-    except features.FeatureError as exc:
-        raise _feature_error(exc) from None
-    # Events stored as "unknown featureId" for this id now map (SPEC §7); queued once committed.
-    body.update(_reprocess_job(workspace_id, f"feature {body['id']} created"))
+    rt = _runtime()
+    with _session().begin() as s:
+        _require_workspace(s, workspace_id)
+    body = _not_queued(features.create(rt, workspace_id, feature_id, name, kind), workspace_id)
     if as_json:
         click.echo(json.dumps(body))
         return
@@ -176,11 +208,11 @@ def feature_create(workspace_id: int, feature_id: str, name: str | None, kind: s
 @click.option("--json", "as_json", is_flag=True)
 def feature_list(workspace_id: int, as_json: bool) -> None:
     """List the workspace's features (id, type, name)."""
-    from kana.domain import features
+    from kana.services import features
 
     with _session().begin() as s:
         _require_workspace(s, workspace_id)
-        rows = [_feature_json(f) for f in features.list_features(s, workspace_id)]
+    rows = features.listed(workspace_id)
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -196,16 +228,11 @@ def feature_list(workspace_id: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def feature_update(workspace_id: int, feature_id: str, name: str | None, kind: str | None, as_json: bool) -> None:
     """Rename or retype a feature (its id is what events name, so it never changes)."""
-    from kana.domain import features
+    from kana.services import features
 
-    try:
-        with _session().begin() as s:
-            _require_workspace(s, workspace_id)
-            body = _feature_json(features.update_feature(s, workspace_id, feature_id, name=name, type=kind))
-    except features.FeatureNotFound:
-        raise click.ClickException(f"no feature {feature_id!r} in workspace {workspace_id}") from None
-    except features.FeatureError as exc:
-        raise _feature_error(exc) from None
+    with _session().begin() as s:
+        _require_workspace(s, workspace_id)
+    body = features.update(workspace_id, feature_id, name=name, kind=kind)
     if as_json:
         click.echo(json.dumps(body))
     else:
@@ -218,17 +245,15 @@ def feature_update(workspace_id: int, feature_id: str, name: str | None, kind: s
 @click.option("--force", is_flag=True, help="Also delete its usage (those events become unmapped again).")
 def feature_delete(workspace_id: int, feature_id: str, force: bool) -> None:
     """Delete a feature; one with recorded usage only with --force."""
-    from kana.domain import features
+    from kana.domain.features import FeatureInUse
+    from kana.services import features
 
+    with _session().begin() as s:
+        _require_workspace(s, workspace_id)
     try:
-        with _session().begin() as s:
-            _require_workspace(s, workspace_id)
-            features.delete_feature(s, workspace_id, feature_id, force=force)
-    except features.FeatureNotFound:
-        raise click.ClickException(f"no feature {feature_id!r} in workspace {workspace_id}") from None
-    except features.FeatureInUse as exc:
+        features.delete(workspace_id, feature_id, force=force)
+    except FeatureInUse as exc:
         raise click.ClickException(f"{exc}: add --force.") from None
-    # Like the API: no reprocessing here; a feature re-created later picks its events up again.
     click.echo(f"feature {feature_id} deleted")
 
 
@@ -257,32 +282,12 @@ def recover() -> None:
 # --- mapping rules and reprocessing (SPEC §7) --------------------------------------------
 
 
-def _condition_value(raw: str) -> object:
-    """A condition value from the command line: JSON when it parses (5, true, ["a","b"]), else the text."""
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def _enqueue_reprocess(workspace_id: int, why: str) -> str:
-    import jobs
-    from kana.domain import reprocess
-
-    return reprocess.enqueue(jobs.init(_settings()).queue, workspace_id, why=why)
-
-
-def _reprocess_job(workspace_id: int, why: str) -> dict:
-    """``{"job_id"}`` of the reprocessing for a committed change, like ``api_rules.reprocess_job``:
-    Redis being down does not turn the saved change into an error (``job_id`` is then None)."""
-    from redis.exceptions import RedisError
-
-    try:
-        return {"job_id": _enqueue_reprocess(workspace_id, why)}
-    except RedisError as exc:
-        click.echo(f"the change is saved, but reprocessing was not queued ({exc}); "
+def _not_queued(saved: dict, workspace_id: int) -> dict:
+    """A saved change whose reprocessing Redis being down left out: say how to run it (on stderr)."""
+    if saved.pop("reprocess_error", None):
+        click.echo(f"the change is saved, but reprocessing was not queued (Redis is unreachable); "
                    f"run `kana reprocess --workspace {workspace_id}`", err=True)
-        return {"job_id": None}
+    return saved
 
 
 def _reprocess_inline(workspace_id: int, chunk: int) -> dict:
@@ -327,24 +332,17 @@ def rule_create(workspace_id: int, feature_id: str, event: str, kind: str | None
                 conditions: tuple[tuple[str, str, str], ...], delta_property: str | None, priority: int | None,
                 then: str, as_json: bool) -> None:
     """Create a mapping rule, then reprocess the workspace's unmapped events."""
-    from kana.domain import rules
+    from kana.services import rules
 
     data: dict = {"feature_id": feature_id, "event": event, "type": kind,
-                  "conditions": [{"property": p, "operator": o, "value": _condition_value(v)}
+                  "conditions": [{"property": p, "operator": o, "value": rules.typed_value(v)}
                                  for p, o, v in conditions]}
     if delta_property is not None:
         data["delta_property"] = delta_property
     if priority is not None:
         data["priority"] = priority
-    try:
-        with _session().begin() as s:
-            body = rules.to_dict(rules.create_rule(s, workspace_id, data))
-    except rules.RuleError as exc:
-        raise click.ClickException("invalid rule: " + "; ".join(f"{k}: {' '.join(v)}"
-                                                                 for k, v in exc.errors.items())) from None
-    if then == "queue":
-        body.update(_reprocess_job(workspace_id, f"rule {body['id']} created"))
-    elif then == "inline":
+    body = _not_queued(rules.create(_runtime() if then == "queue" else None, workspace_id, data), workspace_id)
+    if then == "inline":
         body["reprocess"] = _reprocess_inline(workspace_id, 5000)
     if as_json:
         click.echo(json.dumps(body))
@@ -359,10 +357,10 @@ def rule_create(workspace_id: int, feature_id: str, event: str, kind: str | None
 @click.option("--json", "as_json", is_flag=True)
 def rule_list(workspace_id: int, as_json: bool) -> None:
     """List mapping rules in the order they are tried."""
-    from kana.domain import rules
+    from kana.services import rules
 
-    with _session()() as s:
-        rows = [rules.to_dict(r) for r in rules.list_rules(s, workspace_id)]
+    _session()
+    rows = rules.listed(workspace_id)
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -379,13 +377,10 @@ def rule_list(workspace_id: int, as_json: bool) -> None:
 @click.argument("rule_id", type=int)
 def rule_delete(workspace_id: int, rule_id: int) -> None:
     """Delete a rule (usage it already recorded stays in the ledger)."""
-    from kana.domain import rules
+    from kana.services import rules
 
-    try:
-        with _session().begin() as s:
-            rules.delete_rule(s, workspace_id, rule_id)
-    except rules.RuleNotFound:
-        raise click.ClickException(f"no rule {rule_id} in workspace {workspace_id}") from None
+    _session()
+    rules.delete(workspace_id, rule_id)
     click.echo(f"rule {rule_id} deleted")
 
 
@@ -397,7 +392,9 @@ def rule_delete(workspace_id: int, rule_id: int) -> None:
 def reprocess_cmd(workspace_id: int, run_async: bool, chunk: int, as_json: bool) -> None:
     """Map the workspace's stored unmapped events with the current rules and features."""
     if run_async:
-        job_id = _enqueue_reprocess(workspace_id, "requested from the CLI")
+        from kana.services import rules
+
+        job_id = rules.request_reprocess(_runtime(), workspace_id, "requested from the CLI")
         click.echo(json.dumps({"job_id": job_id}) if as_json else f"reprocessing job {job_id} queued")
         return
     result = _reprocess_inline(workspace_id, chunk)
@@ -506,11 +503,8 @@ def import_csv(workspace_id: int, file: str, show_report: bool) -> None:
 def _billing_import(workspace_id: int, provider: str) -> None:
     from kana.imports import customers
 
-    try:
-        counts = customers.run(_session(), workspace_id, provider, _settings(),
-                                    progress=lambda n: click.echo(f"{n} customers", err=True))
-    except customers.ImportFailed as exc:
-        raise click.ClickException(str(exc)) from None
+    counts = customers.run(_session(), workspace_id, provider, _settings(),
+                           progress=lambda n: click.echo(f"{n} customers", err=True))
     _echo_json(counts)
 
 
@@ -533,37 +527,18 @@ def users() -> None:
     """Operator actions on users (audited)."""
 
 
-def _load_users(s, workspace_id: int, kana_ids: tuple[int, ...]) -> list:  # noqa: ANN001
-    from sqlalchemy import select
-
-    from kana.models import User
-
-    found = list(s.scalars(select(User).where(User.workspace_id == workspace_id, User.kana_id.in_(kana_ids))))
-    missing = sorted(set(kana_ids) - {u.kana_id for u in found})
-    if missing:
-        raise click.ClickException(f"no user with kana_id {', '.join(map(str, missing))} in workspace {workspace_id}")
-    return found
-
-
 @users.command("merge")
 @click.option("--workspace", "workspace_id", type=int, required=True)
 @click.argument("kana_ids", type=int, nargs=-1, required=True)
 def users_merge(workspace_id: int, kana_ids: tuple[int, ...]) -> None:
     """Merge users into the one created first; prints the survivor."""
-    from kana.domain import identity
+    from kana.services import users as user_actions
 
     if len(set(kana_ids)) < 2:
         raise click.ClickException("give at least two distinct kana_ids")
-    with _session().begin() as s:
-        found = _load_users(s, workspace_id, kana_ids)
-        try:
-            survivor = identity.merge(s, workspace_id, found, trigger="cli", actor="cli")
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
-        result = {"kana_id": survivor.kana_id, "user_id": survivor.user_id, "email": survivor.email,
-                  "name": survivor.name, "billing_id": survivor.billing_id,
-                  "aliases": identity.aliases_of(s, workspace_id, survivor.kana_id)}
-    _echo_json(result)
+    _session()
+    survivor = user_actions.merge(workspace_id, list(kana_ids), trigger="cli", actor="cli").user
+    _echo_json({k: survivor[k] for k in ("kana_id", "user_id", "email", "name", "billing_id", "aliases")})
 
 
 @users.command("delete")
@@ -572,13 +547,13 @@ def users_merge(workspace_id: int, kana_ids: tuple[int, ...]) -> None:
 @click.option("--yes", is_flag=True, help="Don't ask for confirmation.")
 def users_delete(workspace_id: int, kana_ids: tuple[int, ...], yes: bool) -> None:
     """Delete users with their events and usage."""
-    from kana.domain import identity
+    from kana.services import users as user_actions
 
-    with _session().begin() as s:
-        _load_users(s, workspace_id, kana_ids)
-        if not yes:
-            click.confirm(f"Delete {len(set(kana_ids))} user(s) with their events and usage?", abort=True)
-        deleted = identity.delete_users(s, workspace_id, list(kana_ids), trigger="cli", actor="cli")
+    with _session()() as s:
+        user_actions.selected(s, workspace_id, list(kana_ids))
+    if not yes:
+        click.confirm(f"Delete {len(set(kana_ids))} user(s) with their events and usage?", abort=True)
+    deleted = user_actions.delete(workspace_id, list(kana_ids), trigger="cli", actor="cli")
     _echo_json({"deleted": deleted})
 
 
@@ -597,16 +572,13 @@ def admin() -> None:
               help="Prefer the prompt: a password given here stays in the shell history.")
 def admin_create(workspace_id: int, email: str, password: str | None) -> None:
     """Create a dashboard admin of a workspace (prompts for the password unless given)."""
-    from kana.dashboard import accounts
+    from kana.domain import accounts
 
     if password is None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    try:
-        with _session().begin() as s:
-            row = accounts.create_admin(s, workspace_id, email, password)
-            admin_id, address = row.id, row.email
-    except accounts.AdminError as exc:
-        raise click.ClickException(exc.message) from None
+    with _session().begin() as s:
+        row = accounts.create_admin(s, workspace_id, email, password)
+        admin_id, address = row.id, row.email
     click.echo(f"dashboard admin {admin_id} ({address}) created for workspace {workspace_id}")
 
 
@@ -618,20 +590,17 @@ def admin_password(workspace_id: int, email: str, password: str | None) -> None:
     """Set a dashboard admin's password (ends their other sessions)."""
     from sqlalchemy import select
 
-    from kana.dashboard import accounts
+    from kana.domain import accounts
     from kana.models import DashboardAdmin
 
     if password is None:
         password = click.prompt("New password", hide_input=True, confirmation_prompt=True)
-    try:
-        with _session().begin() as s:
-            row = s.scalar(select(DashboardAdmin).where(DashboardAdmin.workspace_id == workspace_id,
-                                                        DashboardAdmin.email == accounts.normal_email(email)))
-            if row is None:
-                raise click.ClickException(f"no dashboard admin {email} in workspace {workspace_id}")
-            accounts.set_password(s, row, password)
-    except accounts.AdminError as exc:
-        raise click.ClickException(exc.message) from None
+    with _session().begin() as s:
+        row = s.scalar(select(DashboardAdmin).where(DashboardAdmin.workspace_id == workspace_id,
+                                                    DashboardAdmin.email == accounts.normal_email(email)))
+        if row is None:
+            raise click.ClickException(f"no dashboard admin {email} in workspace {workspace_id}")
+        accounts.set_password(s, row, password)
     click.echo(f"password of {accounts.normal_email(email)} changed")
 
 

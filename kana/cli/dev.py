@@ -55,8 +55,7 @@ def _dev_access(settings: Settings) -> DevAccess:
     from sqlalchemy import select
 
     from kana import db
-    from kana.dashboard import accounts
-    from kana.domain import keys
+    from kana.domain import accounts, keys
     from kana.models import DashboardAdmin, Workspace
 
     db.configure(settings.database_url)

@@ -10,24 +10,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flask import Blueprint, Flask, redirect, url_for
+from flask import Flask, redirect, url_for
 from flask.typing import ResponseReturnValue
-from flask_wtf.csrf import CSRFProtect
 
-bp = Blueprint(
-    "dashboard",
-    __name__,
-    url_prefix="/dashboard",
-    template_folder="templates",
-    static_folder="static",
-    static_url_path="/static",
-)
-csrf = CSRFProtect()
+from kana import runtime
 
 
 def init_app(app: Flask) -> None:
     """Register the dashboard, its session and CSRF settings, ``/`` → dashboard, and ``/rq``."""
-    settings = app.extensions["kana"].settings
+    settings = runtime.of(app).settings
     app.config.update(
         SESSION_COOKIE_NAME="kana_session",
         SESSION_COOKIE_HTTPONLY=True,
@@ -39,9 +30,16 @@ def init_app(app: Flask) -> None:
         # The token lives as long as the session: a page left open for an hour still submits.
         WTF_CSRF_TIME_LIMIT=None,
     )
-    csrf.init_app(app)
+    # The page modules register their routes on bp when imported.
+    import kana.dashboard.login
+    import kana.dashboard.mapping
+    import kana.dashboard.ops
+    import kana.dashboard.overview
+    import kana.dashboard.users  # noqa: F401
+    from kana.dashboard import rq_mount
+    from kana.dashboard.common import bp, csrf
 
-    from kana.dashboard import rq_mount, views  # noqa: F401 - registers the routes on bp
+    csrf.init_app(app)
 
     app.register_blueprint(bp)
     app.add_url_rule("/", "root", _root)

@@ -8,15 +8,29 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Response, abort, current_app, flash, g, jsonify, redirect, render_template, request, session, url_for
+from flask import Blueprint, Response, abort, flash, g, jsonify, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
+from flask_wtf.csrf import CSRFProtect
+from redis.exceptions import RedisError
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
-from kana.dashboard import bp, csrf
+from kana import errors
 from kana.db import SessionLocal, read_only
+from kana.errors import KanaError
 from kana.models import DashboardAdmin, Workspace
 from kana.serializers import amount
+
+bp = Blueprint(
+    "dashboard",
+    __name__.rsplit(".", 1)[0],
+    url_prefix="/dashboard",
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
+csrf = CSRFProtect()
 
 PUBLIC_ENDPOINTS = {"dashboard.login", "dashboard.static"}
 PAGE_SIZE = 50
@@ -121,6 +135,29 @@ def _http_error(exc: HTTPException) -> ResponseReturnValue:
     return render_template("dashboard/error.html", error=exc), exc.code or 500
 
 
+@bp.errorhandler(KanaError)
+@bp.errorhandler(RedisError)
+@bp.errorhandler(DBAPIError)
+def _error(exc: Exception) -> ResponseReturnValue:
+    """The dashboard's rendering of ``kana.errors``: a failed action goes back with an error notice.
+
+    A form post whose action failed (a conflict, Redis down …) returns the
+    operator to the page the view named with ``back_to``; what does not exist
+    is a 404 page; JSON endpoints answer the API's error body.
+    """
+    known = errors.classify(exc)
+    if known is None:
+        raise exc
+    if wants_json():
+        return jsonify(known.body()), known.status
+    if request.method == "POST" and known.status != 404 and g.get("back"):
+        notice(known.text, "error")
+        return redirect(g.back)
+    page = HTTPException(known.text)
+    page.code = known.status
+    return render_template("dashboard/error.html", error=page), known.status
+
+
 @bp.context_processor
 def _context() -> dict[str, Any]:
     return {"admin": g.get("admin")}
@@ -137,8 +174,9 @@ def actor() -> str:
     return g.admin.actor
 
 
-def runtime() -> Any:
-    return current_app.extensions["kana"]
+def back_to(endpoint: str, **values: Any) -> None:
+    """Where this action sends the operator back to, with an error notice, if it fails."""
+    g.back = url_for(endpoint, **values)
 
 
 def int_arg(name: str, default: int | None = None) -> int | None:

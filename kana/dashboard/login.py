@@ -6,9 +6,10 @@ from flask import redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 
-from kana.dashboard import accounts, bp
-from kana.dashboard.common import current_admin, log_in, runtime, safe_next
+from kana.dashboard.common import bp, current_admin, log_in, safe_next
 from kana.db import SessionLocal
+from kana.domain import accounts
+from kana.runtime import current
 
 
 def _form(error: str | None = None, status: int = 200, retry_after: int = 0) -> ResponseReturnValue:
@@ -33,7 +34,7 @@ def login() -> ResponseReturnValue:
         if not raw_ws.isdigit() or len(raw_ws) > 18:
             return _form("The workspace ID is a number.", 400)
         workspace_id = int(raw_ws)
-    rt = runtime()
+    rt = current()
     try:
         verdict = accounts.count_attempt(rt.redis, request.remote_addr or "unknown", email,
                                          limit=rt.settings.login_attempts, window=rt.settings.login_window)

@@ -6,17 +6,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import abort, redirect, render_template, request, url_for
+from flask import redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
-from redis.exceptions import RedisError
 from werkzeug.datastructures import MultiDict
 
-from kana.api import rules as api_rules
-from kana.dashboard import bp
-from kana.dashboard.common import notice, runtime, ws
+from kana.dashboard.common import back_to, bp, notice, ws
 from kana.db import SessionLocal
 from kana.domain import features, reprocess, rules
 from kana.models import Rule
+from kana.runtime import current
+from kana.services import features as feature_actions
+from kana.services import rules as rule_actions
 
 CONDITION_ROWS = 3  # blank condition rows offered by the form
 MAX_ROWS = rules.MAX_CONDITIONS + CONDITION_ROWS
@@ -29,12 +29,12 @@ def _row_count(form: MultiDict) -> int:
         return CONDITION_ROWS
 
 
-def _reprocess_redirect(endpoint: str, why: str, **values: Any) -> ResponseReturnValue:
-    queued = api_rules.reprocess_job(ws(), why)
-    if queued.get("job_id") is None:
+def _reprocess_redirect(endpoint: str, saved: dict[str, Any]) -> ResponseReturnValue:
+    """To the page showing the reprocessing job that followed a saved change (or saying it was not queued)."""
+    if saved.get("job_id") is None:
         notice("Saved, but reprocessing was not queued (Redis is unreachable): use “Reprocess now” later.", "error")
-        return redirect(url_for(endpoint, **values))
-    return redirect(url_for(endpoint, job=queued["job_id"], **values))
+        return redirect(url_for(endpoint))
+    return redirect(url_for(endpoint, job=saved["job_id"]))
 
 
 def _job(job_id: str | None) -> dict[str, Any] | None:
@@ -60,25 +60,22 @@ def create_feature() -> ResponseReturnValue:
     workspace_id = ws()
     form = request.form
     try:
-        with SessionLocal.begin() as s:
-            feature = features.create_feature(s, workspace_id, form.get("id", "").strip(),
-                                              form.get("name", "").strip() or None, form.get("type", "consumable"))
-            feature_id = feature.id
+        saved = feature_actions.create(current(), workspace_id, form.get("id", "").strip(),
+                                       form.get("name", "").strip() or None, form.get("type", "consumable"))
     except features.FeatureError as exc:
         with SessionLocal() as s:
             rows = [(f, features.usage_count(s, workspace_id, f.id))
                     for f in features.list_features(s, workspace_id)]
         return render_template("dashboard/features.html", rows=rows, types=features.TYPES, job=None,
                                form=form, errors={exc.field: exc.message}), 400
-    notice(f"Feature {feature_id} created.")
-    # Events stored as "unknown featureId" for this id now map (SPEC §7).
-    return _reprocess_redirect("dashboard.features_page", f"feature {feature_id} created")
+    notice(f"Feature {saved['id']} created.")
+    return _reprocess_redirect("dashboard.features_page", saved)
 
 
 def _feature_or_404(session: Any, feature_id: str) -> Any:
     feature = features.get_feature(session, ws(), feature_id)
     if feature is None:
-        abort(404, description=f"No feature {feature_id!r} in this workspace.")
+        raise features.FeatureNotFound(feature_id)
     return feature
 
 
@@ -94,10 +91,8 @@ def feature_page(feature_id: str) -> ResponseReturnValue:
 def update_feature(feature_id: str) -> ResponseReturnValue:
     workspace_id = ws()
     try:
-        with SessionLocal.begin() as s:
-            _feature_or_404(s, feature_id)
-            features.update_feature(s, workspace_id, feature_id, name=request.form.get("name", ""),
-                                    type=request.form.get("type"))
+        feature_actions.update(workspace_id, feature_id, name=request.form.get("name", ""),
+                               kind=request.form.get("type"))
     except features.FeatureError as exc:
         with SessionLocal() as s:
             feature = _feature_or_404(s, feature_id)
@@ -111,9 +106,7 @@ def update_feature(feature_id: str) -> ResponseReturnValue:
 @bp.post("/features/<feature_id>/delete")
 def delete_feature(feature_id: str) -> ResponseReturnValue:
     try:
-        with SessionLocal.begin() as s:
-            _feature_or_404(s, feature_id)
-            features.delete_feature(s, ws(), feature_id, force=bool(request.form.get("force")))
+        feature_actions.delete(ws(), feature_id, force=bool(request.form.get("force")))
     except features.FeatureInUse as exc:
         notice(f"{exc}: tick “also delete its usage” to confirm.", "error")
         return redirect(url_for("dashboard.feature_page", feature_id=feature_id))
@@ -122,14 +115,6 @@ def delete_feature(feature_id: str) -> ResponseReturnValue:
 
 
 # --- rules ---------------------------------------------------------------------------------
-
-
-def condition_value(raw: str) -> object:
-    """A condition value as typed: JSON when it parses (5, true, ["a","b"]), else the text itself."""
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
 
 
 def rule_data(form: MultiDict) -> tuple[dict[str, Any], dict[str, list[str]]]:
@@ -143,7 +128,7 @@ def rule_data(form: MultiDict) -> tuple[dict[str, Any], dict[str, list[str]]]:
         condition: dict[str, Any] = {"property": prop, "operator": form.get(f"cond-{i}-operator", "equals")}
         raw = form.get(f"cond-{i}-value", "")
         if raw != "" or condition["operator"] != "exists":  # exists without a value means "is present"
-            condition["value"] = condition_value(raw)
+            condition["value"] = rule_actions.typed_value(raw)
         conditions.append(condition)
     data: dict[str, Any] = {
         "feature_id": form.get("feature_id", ""),
@@ -217,19 +202,15 @@ def create_rule() -> ResponseReturnValue:
     if errors:
         return _rule_form(None, request.form, errors, 400)
     try:
-        with SessionLocal.begin() as s:
-            rule_id = rules.create_rule(s, ws(), data).id
+        saved = rule_actions.create(current(), ws(), data)
     except rules.RuleError as exc:
         return _rule_form(None, request.form, exc.errors, 400)
-    notice(f"Rule {rule_id} created.")
-    return _reprocess_redirect("dashboard.rules_page", f"rule {rule_id} created")
+    notice(f"Rule {saved['id']} created.")
+    return _reprocess_redirect("dashboard.rules_page", saved)
 
 
 def _rule_or_404(session: Any, rule_id: int) -> Rule:
-    try:
-        return rules.get_rule(session, ws(), rule_id)
-    except rules.RuleNotFound:
-        abort(404, description=f"No rule {rule_id} in this workspace.")
+    return rules.get_rule(session, ws(), rule_id)  # RuleNotFound: the 404 page
 
 
 @bp.get("/rules/<int:rule_id>")
@@ -247,32 +228,22 @@ def update_rule(rule_id: int) -> ResponseReturnValue:
     if errors:
         return _rule_form(rule, request.form, errors, 400)
     try:
-        with SessionLocal.begin() as s:
-            rules.update_rule(s, ws(), rule_id, data)
+        saved = rule_actions.update(current(), ws(), rule_id, data)
     except rules.RuleError as exc:
         return _rule_form(rule, request.form, exc.errors, 400)
-    except rules.RuleNotFound:
-        abort(404, description=f"No rule {rule_id} in this workspace.")
     notice(f"Rule {rule_id} saved.")
-    return _reprocess_redirect("dashboard.rules_page", f"rule {rule_id} changed")
+    return _reprocess_redirect("dashboard.rules_page", saved)
 
 
 @bp.post("/rules/<int:rule_id>/delete")
 def delete_rule(rule_id: int) -> ResponseReturnValue:
-    try:
-        with SessionLocal.begin() as s:
-            rules.delete_rule(s, ws(), rule_id)
-    except rules.RuleNotFound:
-        abort(404, description=f"No rule {rule_id} in this workspace.")
+    rule_actions.delete(ws(), rule_id)
     notice(f"Rule {rule_id} deleted (usage it recorded stays in the ledger).")
     return redirect(url_for("dashboard.rules_page"))
 
 
 @bp.post("/rules/reprocess")
 def reprocess_now() -> ResponseReturnValue:
-    try:
-        job_id = reprocess.enqueue(runtime().queue, ws(), why="requested from the dashboard")
-    except RedisError:
-        notice("The job queue (Redis) is unreachable; try again shortly.", "error")
-        return redirect(url_for("dashboard.rules_page"))
+    back_to("dashboard.rules_page")
+    job_id = rule_actions.request_reprocess(current(), ws(), why="requested from the dashboard")
     return redirect(url_for("dashboard.rules_page", job=job_id))

@@ -4,30 +4,26 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Response, abort, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
-from redis.exceptions import RedisError
 from sqlalchemy import select
 
-from jobs import imports as import_jobs
-from kana import auth
-from kana.dashboard import bp
-from kana.dashboard.common import PAGE_SIZE, actor, int_arg, notice, runtime, ws
+from kana.dashboard.common import PAGE_SIZE, actor, back_to, bp, int_arg, notice, ws
 from kana.db import SessionLocal, read_only
 from kana.domain import flags, keys
-from kana.imports import csvfile, customers
-from kana.ingest import processor
+from kana.imports import csvfile
 from kana.models import CsvImport, DeadLetter, Event, Workspace
-
-log = logging.getLogger(__name__)
+from kana.paging import keyset
+from kana.runtime import current
+from kana.services import events as event_actions
+from kana.services import imports as import_actions
+from kana.services import keys as key_actions
+from kana.services import workspace as workspace_actions
 
 EVENT_STATUSES = ("unmapped", "mapped", "processed")
-UNREACHABLE = "The job queue (Redis) is unreachable; try again shortly."
 
 
 # --- CSV ----------------------------------------------------------------------------------
@@ -73,23 +69,14 @@ def csv_import() -> ResponseReturnValue:
     if len(data) > limit:
         notice(too_big, "error")
         return redirect(url_for("dashboard.csv_page"))
+    back_to("dashboard.csv_page")
     try:
-        csvfile.parse(data)  # file-level problems are answered now, not found later by the job
+        import_id, _ = import_actions.start_csv(current(), ws(), upload.filename, data, actor=actor())
     except csvfile.CsvError as exc:
+        # Named with the file, as the operator chose it.
         where = f" (line {exc.line})" if exc.line is not None else ""
         notice(f"{upload.filename}: {exc.message}{where}", "error")
         return redirect(url_for("dashboard.csv_page"))
-    workspace_id = ws()
-    job_id = f"csv-import-{uuid.uuid4().hex}"
-    with SessionLocal.begin() as s:
-        import_id = csvfile.create_import(s, workspace_id, upload.filename, job_id).id
-    rt = runtime()
-    try:
-        import_jobs.enqueue_csv(rt.queue, rt.redis, import_id, job_id, data, workspace_id=workspace_id,
-                                actor=actor())
-    except RedisError:
-        csvfile.finish(SessionLocal, import_id, "failed", "The job queue was unreachable; upload the file again.")
-        notice(UNREACHABLE, "error")
     return redirect(url_for("dashboard.csv_import_page", import_id=import_id))
 
 
@@ -162,52 +149,26 @@ def events() -> ResponseReturnValue:
         abort(400, description=f"Unknown status {status!r}.")
     before = int_arg("before")
     stmt = select(Event).where(Event.workspace_id == ws(), Event.status == status)
-    if before is not None:
-        stmt = stmt.where(Event.id < before)
     with SessionLocal() as s:
-        rows = list(s.scalars(stmt.order_by(Event.id.desc()).limit(PAGE_SIZE + 1)))
-    more = len(rows) > PAGE_SIZE
-    rows = rows[:PAGE_SIZE]
+        rows, older = keyset(s, stmt, Event.id, after=before, limit=PAGE_SIZE, descending=True)
     return render_template("dashboard/events.html", rows=rows, status=status, statuses=EVENT_STATUSES,
-                           older=rows[-1].id if more and rows else None, paged=before is not None)
+                           older=older, paged=before is not None)
 
 
 @bp.get("/events/failed")
 def dead_letters() -> ResponseReturnValue:
     before = int_arg("before")
     stmt = select(DeadLetter).where(DeadLetter.workspace_id == ws())
-    if before is not None:
-        stmt = stmt.where(DeadLetter.id < before)
     with SessionLocal() as s:
-        rows = list(s.scalars(stmt.order_by(DeadLetter.id.desc()).limit(PAGE_SIZE + 1)))
-    more = len(rows) > PAGE_SIZE
-    rows = rows[:PAGE_SIZE]
-    return render_template("dashboard/dead_letters.html", rows=rows,
-                           older=rows[-1].id if more and rows else None, paged=before is not None)
+        rows, older = keyset(s, stmt, DeadLetter.id, after=before, limit=PAGE_SIZE, descending=True)
+    return render_template("dashboard/dead_letters.html", rows=rows, older=older, paged=before is not None)
 
 
 @bp.post("/events/failed/<int:dead_letter_id>/retry")
 def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     """Put a failed call back on its partition queue, as ``POST /api/v1/events/failed/{id}/retry`` does."""
-    workspace_id = ws()
-    rt = runtime()
-    try:
-        with SessionLocal.begin() as s:
-            done = processor.requeue(s, rt.redis, rt.settings.partitions, workspace_id, dead_letter_id)
-    except processor.NotRetryable as exc:
-        notice(str(exc), "error")
-        return redirect(url_for("dashboard.dead_letters"))
-    except RedisError:
-        notice(UNREACHABLE, "error")
-        return redirect(url_for("dashboard.dead_letters"))
-    if done is None:
-        abort(404, description=f"No failed event {dead_letter_id} in this workspace.")
-    try:
-        rt.enqueue_drains(done.partitions)
-    except RedisError as exc:
-        # The call is queued; the recovery job wakes stranded partitions.
-        log.warning("requeued %s but could not enqueue its drain: %s", done.message_id, exc)
-    message_id = done.message_id
+    back_to("dashboard.dead_letters")
+    message_id = event_actions.retry_dead_letter(current(), ws(), dead_letter_id)
     notice(f"Requeued {message_id}; it is processed again shortly.")
     return redirect(url_for("dashboard.dead_letters"))
 
@@ -231,10 +192,9 @@ def create_key() -> ResponseReturnValue:
         return redirect(url_for("dashboard.api_keys"))
     if name and "\x00" in name:
         abort(400, description="The name must not contain NUL characters.")
-    with SessionLocal.begin() as s:
-        row, plain = keys.create_key(s, ws(), scope, name=name)
+    created = key_actions.create(ws(), scope, name)
     # Rendered, not redirected: the key is shown this once and never stored in clear.
-    return render_template("dashboard/key_created.html", row=row, plain=plain)
+    return render_template("dashboard/key_created.html", row=created, plain=created["api_key"])
 
 
 def _key_or_404(session: Any, key_id: int) -> Any:
@@ -253,10 +213,7 @@ def revoke_key_confirm(key_id: int) -> ResponseReturnValue:
 
 @bp.post("/keys/<int:key_id>/revoke")
 def revoke_key(key_id: int) -> ResponseReturnValue:
-    with SessionLocal.begin() as s:
-        if not keys.revoke_key(s, ws(), key_id, redis=runtime().redis):
-            abort(404, description=f"No API key {key_id} in this workspace.")
-    auth.clear_cache()  # at once in this process, within the key cache TTL in others
+    key_actions.revoke(ws(), key_id, redis=current().redis)
     notice(f"API key {key_id} revoked.")
     return redirect(url_for("dashboard.api_keys"))
 
@@ -291,37 +248,21 @@ def save_settings() -> ResponseReturnValue:
     if name is None:
         notice("The workspace name must not be blank.", "error")
         return redirect(url_for("dashboard.settings_page"))
-    with SessionLocal.begin() as s:
-        row = s.get(Workspace, ws())
-        row.name = name
-        row.billing_provider = provider
-        row.chargebee_site = _text_field("chargebee_site", 200)
-        # Secrets are write-only: a blank field keeps the stored one; the checkbox removes it.
-        for secret in ("stripe_api_key", "chargebee_api_key"):
-            value = _text_field(secret, 500)
-            if request.form.get(f"clear_{secret}"):
-                setattr(row, secret, None)
-            elif value is not None:
-                setattr(row, secret, value)
-    # Cached principals carry billing_provider: the receiver validates against the new one at once.
-    auth.clear_cache()
+    changes = {"name": name, "billing_provider": provider, "chargebee_site": _text_field("chargebee_site", 200)}
+    # Secrets are write-only: a blank field keeps the stored one; the checkbox removes it.
+    for secret in ("stripe_api_key", "chargebee_api_key"):
+        value = _text_field(secret, 500)
+        if request.form.get(f"clear_{secret}"):
+            changes[secret] = None
+        elif value is not None:
+            changes[secret] = value
+    workspace_actions.update(ws(), changes)
     notice("Settings saved.")
     return redirect(url_for("dashboard.settings_page"))
 
 
 @bp.post("/settings/import/<any(stripe, chargebee):provider>")
 def billing_import_start(provider: str) -> ResponseReturnValue:
-    rt = runtime()
-    workspace_id = ws()
-    with SessionLocal() as s:
-        try:
-            customers.credentials(s, workspace_id, provider, rt.settings)
-        except customers.ImportFailed as exc:
-            notice(str(exc), "error")
-            return redirect(url_for("dashboard.settings_page"))
-    try:
-        job_id = import_jobs.enqueue_billing(rt.queue, workspace_id, provider)
-    except RedisError:
-        notice(UNREACHABLE, "error")
-        return redirect(url_for("dashboard.settings_page"))
+    back_to("dashboard.settings_page")
+    job_id = import_actions.start_billing(current(), ws(), provider)
     return redirect(url_for("dashboard.settings_page", job=job_id))

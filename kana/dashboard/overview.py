@@ -11,14 +11,15 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session
 
-from jobs import flags as flag_jobs
+import kana.dashboard.charts as charts
 from kana import jobstate
-from kana.dashboard import bp, charts
-from kana.dashboard.common import notice, runtime, ws
+from kana.dashboard.common import back_to, bp, ws
 from kana.db import SessionLocal
 from kana.domain import flags, ledger
 from kana.ingest import spool
 from kana.models import DeadLetter, Event, utcnow
+from kana.runtime import current
+from kana.services import flags as flag_actions
 
 CHART_HOURS = 24
 
@@ -53,7 +54,7 @@ def events_per_hour(session: Session, workspace_id: int, hours: int = CHART_HOUR
 def event_stats(session: Session, workspace_id: int) -> dict[str, int | None]:
     """Received / processed / pending / failed, as ``GET /api/v1/stats`` counts them."""
     try:
-        counters: dict[str, int] | None = spool.workspace_counters(runtime().redis, workspace_id)
+        counters: dict[str, int] | None = spool.workspace_counters(current().redis, workspace_id)
     except RedisError:
         counters = None
     processed = session.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == workspace_id))
@@ -88,12 +89,8 @@ def _parse_time(value: str | None) -> datetime | None:
 
 @bp.post("/flags/refresh")
 def refresh_flags() -> ResponseReturnValue:
-    try:
-        job_id = flag_jobs.enqueue_refresh(runtime().queue, ws())
-    except RedisError:
-        notice("The job queue (Redis) is unreachable; try again shortly.", "error")
-        return redirect(url_for("dashboard.overview"))
-    return redirect(url_for("dashboard.overview", job=job_id))
+    back_to("dashboard.overview")
+    return redirect(url_for("dashboard.overview", job=flag_actions.refresh(current(), ws())))
 
 
 # --- background jobs (flag refreshes, reprocessing, billing imports) ----------------------------------
@@ -102,7 +99,7 @@ def refresh_flags() -> ResponseReturnValue:
 def job_state(job_id: str) -> dict[str, Any] | None:
     """A job of this workspace as the progress panels show it; None when unknown or another's."""
     try:
-        job = jobstate.workspace_job(runtime().redis, job_id, ws())
+        job = jobstate.workspace_job(current().redis, job_id, ws())
     except RedisError:
         return {"id": job_id, "status": "unknown", "progress": 0.0, "meta": {},
                 "error": "The job queue (Redis) is unreachable."}

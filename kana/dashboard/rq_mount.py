@@ -21,6 +21,7 @@ from flask import Flask, abort, current_app, g, redirect, request, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy.engine import make_url
 
+from kana import runtime
 from kana.dashboard.common import current_admin
 
 PREFIX = "/rq"
@@ -52,14 +53,14 @@ def _guard() -> ResponseReturnValue | None:
         abort(403, description="Cross-site request refused.")
     if request.endpoint == "rq_dashboard.requeue_all" and request.method == "GET":
         abort(405)  # state changes only by POST
-    current_app.redis_conn = current_app.extensions["kana"].redis  # type: ignore[attr-defined]
+    current_app.redis_conn = runtime.current().redis  # type: ignore[attr-defined]
     return None
 
 
 def mount(app: Flask) -> None:
     from rq_dashboard.web import blueprint
 
-    settings = app.extensions["kana"].settings
+    settings = runtime.of(app).settings
     # Only shown in rq-dashboard's instance picker (its connection is set by _guard).
     app.config.setdefault("RQ_DASHBOARD_REDIS_URL", (_display_url(settings.redis_url),))
     app.config.setdefault("RQ_DASHBOARD_DISABLE_DELETE", True)

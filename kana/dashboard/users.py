@@ -10,11 +10,15 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from kana.dashboard import bp, charts, timeline
-from kana.dashboard.common import PAGE_SIZE, actor, int_arg, int_list, notice, safe_next, ws
+import kana.dashboard.charts as charts
+import kana.dashboard.timeline as timeline
+from kana.dashboard.common import PAGE_SIZE, actor, bp, int_arg, int_list, notice, safe_next, ws
 from kana.db import SessionLocal
 from kana.domain import features, flags, identity, ledger
 from kana.models import Audit, DeadLetter, Event, FlagRefresh, Usage, User, utcnow
+from kana.paging import keyset
+from kana.services import users as user_actions
+from kana.services.users import selected
 
 FLAG_LABELS = {
     flags.MISSING_BILLING_ID: "Not connected to a billing provider",
@@ -81,12 +85,8 @@ def users_page(session: Session, workspace_id: int, *, q: str = "", flag: str | 
                 stmt, used = exact, "exact"
         if used == "contains":
             stmt = stmt.where(contains_condition(q))
-    if after is not None:
-        stmt = stmt.where(User.kana_id < after)
-    rows = list(session.scalars(stmt.order_by(User.kana_id.desc()).limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, (rows[-1].kana_id if more and rows else None), used
+    rows, next_after = keyset(session, stmt, User.kana_id, after=after, limit=limit, descending=True)
+    return rows, next_after, used
 
 
 @bp.get("/users")
@@ -183,17 +183,6 @@ def user(kana_id: int) -> ResponseReturnValue:
 # --- merge and delete ---------------------------------------------------------------------
 
 
-def _selected(session: Session, workspace_id: int, ids: list[int]) -> list[User]:
-    found = list(session.scalars(
-        select(User).where(User.workspace_id == workspace_id, User.kana_id.in_(ids))
-        .order_by(User.created_at, User.kana_id)))
-    missing = sorted(set(ids) - {u.kana_id for u in found})
-    if missing:
-        abort(404, description=f"No user with kana_id {', '.join(map(str, missing))} in this workspace "
-                               "(deleted or merged away meanwhile?).")
-    return found
-
-
 def _counts(session: Session, workspace_id: int, ids: list[int]) -> dict[int, dict[str, int]]:
     out = {i: {"events": 0, "usage": 0} for i in ids}
     for model, key in ((Event, "events"), (Usage, "usage")):
@@ -226,7 +215,7 @@ def merge_preview() -> ResponseReturnValue:
         return _back_to_list()
     with SessionLocal() as s:
         try:
-            users_ = _selected(s, workspace_id, ids)
+            users_ = selected(s, workspace_id, ids)
             before = [(u.kana_id, _values(u), u.created_at) for u in users_]
             counts = _counts(s, workspace_id, ids)
             survivor = identity.merge(s, workspace_id, users_, trigger="dashboard", actor=actor())
@@ -261,16 +250,8 @@ def merge() -> ResponseReturnValue:
     if len(ids) < 2:
         notice("Select at least two users to merge.", "error")
         return _back_to_list()
-    with SessionLocal.begin() as s:
-        users_ = _selected(s, workspace_id, ids)
-        try:
-            survivor = identity.merge(s, workspace_id, users_, trigger="dashboard", actor=actor())
-        except identity.Conflict as exc:
-            abort(409, description=str(exc))
-        survivor_id = survivor.kana_id
-        audit_id = s.scalar(select(Audit.id).where(Audit.workspace_id == workspace_id, Audit.action == "merge",
-                                                   Audit.survivor_kana_id == survivor_id)
-                            .order_by(Audit.id.desc()).limit(1))
+    result = user_actions.merge(workspace_id, ids, trigger="dashboard", actor=actor())
+    survivor_id, audit_id = result.user["kana_id"], result.audit_id
     merged = ", ".join(f"#{i}" for i in ids if i != survivor_id)
     notice(f"Merged {merged} into #{survivor_id} (audit entry #{audit_id}).")
     return redirect(url_for("dashboard.user", kana_id=survivor_id))
@@ -284,7 +265,7 @@ def delete_confirm() -> ResponseReturnValue:
         notice("Select the users to delete.", "error")
         return _back_to_list()
     with SessionLocal() as s:
-        users_ = _selected(s, workspace_id, ids)
+        users_ = selected(s, workspace_id, ids)
         counts = _counts(s, workspace_id, ids)
     return render_template("dashboard/delete.html", users=users_, counts=counts,
                            next=safe_next(request.args.get("next")) or "")
@@ -297,9 +278,7 @@ def delete() -> ResponseReturnValue:
     if not ids:
         notice("Select the users to delete.", "error")
         return _back_to_list()
-    with SessionLocal.begin() as s:
-        _selected(s, workspace_id, ids)
-        deleted = identity.delete_users(s, workspace_id, ids, trigger="dashboard", actor=actor())
+    deleted = user_actions.delete(workspace_id, ids, trigger="dashboard", actor=actor())
     notice(f"Deleted {deleted} user{'s' if deleted != 1 else ''} with their events and usage.")
     target = safe_next(request.form.get("next"))
     # Don't send the operator back to the page of a user that no longer exists.
@@ -316,11 +295,6 @@ def audit() -> ResponseReturnValue:
     workspace_id = ws()
     before = int_arg("before")
     stmt = select(Audit).where(Audit.workspace_id == workspace_id)
-    if before is not None:
-        stmt = stmt.where(Audit.id < before)
     with SessionLocal() as s:
-        rows = list(s.scalars(stmt.order_by(Audit.id.desc()).limit(PAGE_SIZE + 1)))
-    more = len(rows) > PAGE_SIZE
-    rows = rows[:PAGE_SIZE]
-    return render_template("dashboard/audit.html", rows=rows, older=rows[-1].id if more and rows else None,
-                           paged=before is not None)
+        rows, older = keyset(s, stmt, Audit.id, after=before, limit=PAGE_SIZE, descending=True)
+    return render_template("dashboard/audit.html", rows=rows, older=older, paged=before is not None)

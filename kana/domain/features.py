@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kana.domain import rules
+from kana.errors import Conflict, KanaError, NotFound
 from kana.models import Event, Feature, Usage
 
 # What ``properties.featureId`` names: lower-case, URL- and CSV-safe.
@@ -16,11 +17,11 @@ SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,99}")
 TYPES = ("consumable", "binary")
 
 
-class FeatureError(ValueError):
-    """Invalid feature data; ``field`` names the offending field."""
+class FeatureError(KanaError, ValueError):
+    """Invalid feature data; ``field`` names the offending field, ``message`` what is wrong with it."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"Invalid feature {field}: {message}.", {field: [message]})
         self.field = field
         self.message = message
 
@@ -28,12 +29,18 @@ class FeatureError(ValueError):
 class DuplicateFeature(FeatureError):
     """A feature with this id already exists in the workspace."""
 
+    status = 409
+    code = "conflict"
 
-class FeatureNotFound(LookupError):
+
+class FeatureNotFound(NotFound, LookupError):
     """No feature with this id in the workspace."""
 
+    def __init__(self, feature_id: str) -> None:
+        super().__init__(f"No feature {feature_id!r} in this workspace.")
 
-class FeatureInUse(ValueError):
+
+class FeatureInUse(Conflict, ValueError):
     """The feature has recorded usage; deleting it needs ``force``."""
 
 

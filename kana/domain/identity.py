@@ -1,7 +1,11 @@
 """Users: resolution, identify, claims, merges, aliases and deletion (SPEC §4).
 
-One resolution function (``find_user``), one merge function (``merge``); every
-caller (identify, alias, API, CLI, CSV, dashboard) goes through them.
+One resolution function (``find_user``, cached per transaction by ``Directory``),
+one claim rule (``claimable``), one billing-conflict check (``billing_conflict``)
+and one merge function (``merge``). identify is built from them (``update_user`` for
+rule 1, ``create_or_claim`` for rule 2), and so is the CSV import, which only adds
+its own addressing (kana_id, email-only rows) on top. Every caller (identify,
+alias, API, CLI, CSV, dashboard) goes through them.
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from kana import errors
 from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
 
 # Fields a merge fills from the merged-away users when the survivor lacks them.
@@ -20,7 +25,7 @@ FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "grou
 CHUNK = 500
 
 
-class Conflict(ValueError):
+class Conflict(errors.Conflict, ValueError):
     """The change would break a uniqueness rule (e.g. a user_id already in use)."""
 
 
@@ -61,9 +66,10 @@ def find_user(session: Session, workspace_id: int, user_id: str) -> User | None:
 
 
 class Directory:
-    """``find_user`` with a per-transaction cache, preloaded for a whole batch.
+    """``find_user`` with a per-transaction cache, preloaded for a whole batch, and the
+    unclaimed users of the batch's emails (whom an identify may claim or merge).
 
-    Merges and deletes clear it (they are rare; correctness beats cleverness).
+    Merges (``Directory.merge``) and deletes clear it (they are rare; correctness beats cleverness).
     """
 
     def __init__(self, session: Session, workspace_id: int) -> None:
@@ -115,13 +121,28 @@ class Directory:
             for user in self.session.scalars(stmt):
                 self._unclaimed[user.email_key].append(user)
 
-    def unclaimed(self, email: str, exclude: int | None = None) -> list[User]:
-        """Users with this email and no user_id (e.g. Stripe imports), locked."""
+    def unclaimed(self, email: str, exclude: User | None = None) -> list[User]:
+        """Users with this email and no user_id (e.g. Stripe imports), locked; by kana_id, pending ones last.
+
+        Kept in step with the transaction's own changes: a claim, an email
+        changed or an unclaimed user created since the preload (``note``).
+        """
         key = email_key(email)
         if key not in self._unclaimed:
             self.session.flush()  # pending claims must be visible to the query
             self.preload_unclaimed([email])
-        return [u for u in self._unclaimed[key] if u.user_id is None and u.kana_id != exclude]
+        found = [u for u in self._unclaimed[key]
+                 if u.user_id is None and u.email_key == key and u is not exclude]
+        if len(found) > 1:
+            found.sort(key=lambda u: (u.kana_id is None, u.kana_id or 0))
+        return found
+
+    def note(self, user: User) -> None:
+        """Keep the unclaimed index in step with a user created or re-emailed in this transaction."""
+        if user.user_id is None and user.email_key:
+            known = self._unclaimed.get(user.email_key)
+            if known is not None and not any(u is user for u in known):
+                known.append(user)
 
     def find(self, user_id: str) -> User | None:
         if user_id not in self._cache:
@@ -138,10 +159,23 @@ class Directory:
     def get_or_create(self, user_id: str, source: str = "segment") -> User:
         user = self.find(user_id)
         if user is None:
-            user = User(workspace_id=self.workspace_id, user_id=user_id, source=source)
-            self.session.add(user)
-            self.remember(user_id, user)
+            user = self.add(user_id, Traits(), None, source=source)
         return user
+
+    def add(self, user_id: str | None, traits: Traits, at: datetime | None, *, source: str) -> User:
+        """A new user (pending: the caller's flush inserts a chunk's users together)."""
+        user = new_user(self.session, self.workspace_id, user_id, traits, at, source=source)
+        if user_id is not None:
+            self.remember(user_id, user)
+        self.note(user)
+        return user
+
+    def merge(self, users: list[User], *, trigger: str, actor: str | None = None,
+              detail: dict | None = None) -> User:
+        """``merge``, then forget what it invalidated (merged-away users, their user_ids now aliases)."""
+        survivor = merge(self.session, self.workspace_id, users, trigger=trigger, actor=actor, detail=detail)
+        self.clear()
+        return survivor
 
 
 def aliases_of(session: Session, workspace_id: int, kana_id: int) -> list[str]:
@@ -152,10 +186,6 @@ def aliases_of(session: Session, workspace_id: int, kana_id: int) -> list[str]:
             .order_by(Alias.alias)
         )
     )
-
-
-def _taken(session: Session, workspace_id: int, user_id: str) -> bool:
-    return find_user(session, workspace_id, user_id) is not None
 
 
 def create_user(
@@ -171,67 +201,120 @@ def create_user(
 ) -> User:
     """Create a claimed (with user_id) or unclaimed user; Conflict if the user_id is in use."""
     user_id = user_id or None
-    if user_id is not None and _taken(session, workspace_id, user_id):
+    if user_id is not None and find_user(session, workspace_id, user_id) is not None:
         raise Conflict(f"user_id {user_id!r} is already in use in this workspace")
-    user = User(
-        workspace_id=workspace_id,
-        user_id=user_id,
-        email=email or None,
-        email_key=email_key(email),
-        name=name or None,
-        billing_id=billing_id or None,
-        billing_provider=billing_provider if billing_id else None,
-        source=source,
-    )
-    session.add(user)
+    traits = Traits(email=email or None, name=name or None, billing_id=billing_id or None,
+                    billing_provider=billing_provider if billing_id else None)
+    user = new_user(session, workspace_id, user_id, traits, None, source=source)
     session.flush()
+    return user
+
+
+def new_user(session: Session, workspace_id: int, user_id: str | None, traits: Traits, at: datetime | None,
+             *, source: str) -> User:
+    """A new user with these traits, added to the session but not flushed (bulk callers flush a chunk at once)."""
+    user = User(workspace_id=workspace_id, user_id=user_id, source=source)
+    apply_traits(user, traits, at)
+    session.add(user)
     return user
 
 
 # --- identify ---------------------------------------------------------------
 
 
-def apply_traits(user: User, traits: Traits, at: datetime | None) -> None:
-    """Set the traits present; an identify older than the last applied one only fills blanks."""
-    newer = at is None or user.traits_at is None or at >= user.traits_at
+def apply_traits(user: User, traits: Traits, at: datetime | None, *, only_blanks: bool = False) -> bool:
+    """Set the traits present; returns whether any value changed.
+
+    An identify older than the last applied one (or ``only_blanks``) only fills blanks.
+    """
+    newer = not only_blanks and (at is None or user.traits_at is None or at >= user.traits_at)
+    changed = False
     for field, value in traits.present().items():
-        if newer or getattr(user, field) is None:
+        current = getattr(user, field)
+        if current != value and (newer or current is None):
             setattr(user, field, value)
+            changed = True
             if field == "email":
                 user.email_key = email_key(value)
     if newer and at is not None:
         user.traits_at = at
+    return changed
 
 
-def _billing_conflict(*ids: str | None) -> bool:
+def billing_conflict(*ids: str | None) -> bool:
+    """SPEC §4.1 rule 3: two different billing ids are two customers; never merge or claim across them."""
     return len({i for i in ids if i}) > 1
+
+
+def claimable(directory: Directory, email: str | None, billing_id: str | None, *,
+              exclude: User | None = None) -> User | None:
+    """The unclaimed user a user with this email and billing id claims or merges (SPEC §4.1), if any.
+
+    Exactly one unclaimed user with the email (``exclude`` aside) and no
+    billing conflict with it; none, several, or a conflict → None: nothing is
+    claimed or merged, and the flags show the duplicates.
+    """
+    if not email:
+        return None
+    candidates = directory.unclaimed(email, exclude=exclude)
+    if len(candidates) == 1 and not billing_conflict(billing_id, candidates[0].billing_id):
+        return candidates[0]
+    return None
+
+
+@dataclass
+class Identified:
+    """What ``update_user`` / ``create_or_claim`` did; the CSV import reports it per row."""
+
+    user: User
+    created: bool = False
+    claimed: bool = False
+    merged_with: int | None = None  # kana_id of the unclaimed user merged with ``user``
+    changed: bool = False
+
+
+def update_user(
+    directory: Directory,
+    user: User,
+    traits: Traits,
+    at: datetime | None,
+    *,
+    trigger: str = "identify",
+    actor: str | None = None,
+    detail: dict | None = None,
+    only_blanks: bool = False,
+) -> Identified:
+    """SPEC §4.1 rule 1: update the existing user A; the single claimable user of the email merges with it."""
+    done = Identified(user, changed=apply_traits(user, traits, at, only_blanks=only_blanks))
+    directory.note(user)
+    # An unclaimed user is itself one of C: unclaimed users sharing an email stay apart.
+    other = claimable(directory, traits.email, user.billing_id, exclude=user) if user.user_id is not None else None
+    if other is not None:
+        done.user = directory.merge([user, other], trigger=trigger, actor=actor, detail=detail)
+        done.merged_with = other.kana_id
+        # The triggering call's values win over both users'.
+        apply_traits(done.user, traits, at, only_blanks=only_blanks)
+    return done
+
+
+def create_or_claim(directory: Directory, user_id: str, traits: Traits, at: datetime | None, *,
+                    source: str = "segment") -> Identified:
+    """SPEC §4.1 rule 2 (no user has ``user_id``): the claimable user claims it, else a new user is created."""
+    user = claimable(directory, traits.email, traits.billing_id)
+    if user is None:
+        return Identified(directory.add(user_id, traits, at, source=source), created=True)
+    user.user_id = user_id  # the unclaimed user (e.g. a Stripe import) claims this id
+    changed = apply_traits(user, traits, at)
+    directory.remember(user_id, user)
+    return Identified(user, claimed=True, changed=changed)
 
 
 def identify(directory: Directory, user_id: str, traits: Traits, at: datetime | None) -> User:
     """SPEC §4.1: create, update, claim or merge the user identified by ``user_id``."""
-    session, ws = directory.session, directory.workspace_id
     user = directory.find(user_id)
-    if user is not None:
-        apply_traits(user, traits, at)
-        if traits.email:
-            candidates = directory.unclaimed(traits.email, exclude=user.kana_id)
-            if len(candidates) == 1 and not _billing_conflict(user.billing_id, candidates[0].billing_id):
-                user = merge(session, ws, [user, candidates[0]], trigger="identify",
-                             detail={"user_id": user_id})
-                directory.clear()
-                directory.remember(user_id, user)
-                # The triggering call's values win over both users'.
-                apply_traits(user, traits, at)
-        return user
-
-    candidates = directory.unclaimed(traits.email) if traits.email else []
-    if len(candidates) == 1 and not _billing_conflict(traits.billing_id, candidates[0].billing_id):
-        user = candidates[0]
-        user.user_id = user_id  # the unclaimed user (e.g. a Stripe import) claims this id
-    else:
-        user = User(workspace_id=ws, user_id=user_id, source="segment")
-        session.add(user)
-    apply_traits(user, traits, at)
+    if user is None:
+        return create_or_claim(directory, user_id, traits, at).user
+    user = update_user(directory, user, traits, at, trigger="identify", detail={"user_id": user_id}).user
     directory.remember(user_id, user)
     return user
 
@@ -347,11 +430,11 @@ def alias(directory: Directory, previous_id: str, user_id: str, *, at: datetime 
         user, result = previous, "renamed"
         directory.clear()
     elif previous is not None and current is not None and previous is not current:
-        if _billing_conflict(previous.billing_id, current.billing_id):
+        if billing_conflict(previous.billing_id, current.billing_id):
             result = "billing_conflict"
         else:
-            user = merge(session, ws, [previous, current], trigger="alias",
-                         detail={"previous_id": previous_id, "user_id": user_id})
+            user = directory.merge([previous, current], trigger="alias",
+                                   detail={"previous_id": previous_id, "user_id": user_id})
             if user.user_id != user_id:
                 # The call's userId is the identity going forward (its payload wins
                 # over both users): it becomes the survivor's user_id, the old one an alias.
@@ -438,7 +521,3 @@ def gdpr_delete(directory: Directory, user_id: str) -> int:
     directory.clear()
     return n
 
-
-def count_users(session: Session, workspace_id: int) -> int:
-    stmt = select(func.count()).select_from(User).where(User.workspace_id == workspace_id)
-    return session.scalar(stmt) or 0

@@ -44,6 +44,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
+from kana.errors import KanaError, NotFound, flatten
 from kana.models import Feature, Rule, Workspace
 
 OPERATORS = ("equals", "not_equals", "contains", "exists", "gt", "gte", "lt", "lte", "in")
@@ -62,29 +63,19 @@ PATH_MESSAGE = "must be a property name or a dot path such as plan.tier (non-emp
 # --- errors -------------------------------------------------------------------
 
 
-class RuleError(ValueError):
+class RuleError(KanaError, ValueError):
     """Invalid rule data; ``errors`` maps dotted field names (``conditions.0.value``) to messages."""
 
     def __init__(self, errors: dict[str, list[str]]) -> None:
-        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()))
-        self.errors = errors
+        super().__init__("Invalid rule. " + "; ".join(f"{'body' if k == '_schema' else k}: {' '.join(v)}"
+                                                      for k, v in errors.items()), errors)
 
 
-class RuleNotFound(LookupError):
+class RuleNotFound(NotFound, LookupError):
     """No rule with this id in the workspace."""
 
-
-def flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:
-    """Marshmallow's nested error dict as ``{"conditions.0.operator": [...]}``."""
-    if isinstance(messages, dict):
-        out: dict[str, list[str]] = {}
-        for key, value in messages.items():
-            name = f"{prefix}.{key}" if prefix else str(key)
-            out.update(flatten(value, name))
-        return out
-    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-        return {prefix or "_schema": list(messages)}
-    return {prefix or "_schema": [str(messages)]}
+    def __init__(self, rule_id: int) -> None:
+        super().__init__(f"No rule {rule_id} in this workspace.")
 
 
 # --- validation ----------------------------------------------------------------
@@ -265,21 +256,6 @@ def delete_rule(session: Session, workspace_id: int, rule_id: int) -> None:
     hold_mapping(session, workspace_id, exclusive=True)
     session.delete(get_rule(session, workspace_id, rule_id))
     session.flush()
-
-
-def to_dict(rule: Rule) -> dict[str, Any]:
-    return {
-        "id": rule.id,
-        "feature_id": rule.feature_id,
-        "event": rule.event,
-        "type": rule.type,
-        "conditions": rule.conditions,
-        "delta_property": rule.delta_property,
-        "priority": rule.priority,
-        "enabled": rule.enabled,
-        "created_at": rule.created_at.isoformat() if rule.created_at else None,
-        "updated_at": rule.updated_at.isoformat() if rule.updated_at else None,
-    }
 
 
 # --- compilation and matching ----------------------------------------------------

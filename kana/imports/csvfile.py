@@ -7,8 +7,9 @@ again on import, so an exported file imports back unchanged).
 
 Import takes that file back (any subset of the columns, header required). Each
 row is matched by kana_id, else user_id (aliases too), else a single unclaimed
-email, and then creates, updates, claims or merges — the identify rules of
-§4.1 with kana_id addressing on top. Rows are applied a chunk at a time with
+email, and then creates, updates, claims or merges through identity's own
+§4.1 functions (a row with a user_id is an identify), with the kana_id and
+email-only addressing of a file on top. Rows are applied a chunk at a time with
 the chunk's users preloaded (a few queries per chunk, not per row); a chunk
 whose flush fails is re-applied row by row, each in its own savepoint, so every
 row succeeds or fails on its own. Re-importing a file changes nothing.
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import inspect, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -35,6 +36,7 @@ from kana import db
 from kana.domain import flags, identity
 from kana.domain.billing import check_billing_id, provider_of
 from kana.domain.ids import user_id_problem
+from kana.errors import KanaError
 from kana.models import CsvImport, User, Workspace, utcnow
 
 log = logging.getLogger(__name__)
@@ -54,12 +56,13 @@ _EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 _NUMBER = re.compile(r"\d+")
 
 
-class CsvError(ValueError):
+class CsvError(KanaError, ValueError):
     """The file as a whole can't be imported; the message says why and where."""
 
+    code = "invalid_csv"
+
     def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, {"file": message, **({"line": line} if line is not None else {})})
         self.line = line
 
 
@@ -282,13 +285,15 @@ def validate(line: int, values: dict[str, str], provider: str | None) -> Row:
     return Row(line, kana_id, user_id, email, values.get("name") or None, billing_id)
 
 
-def _conflict(*ids: str | None) -> bool:
-    """SPEC §4.1.3: two different billing ids mean two customers; never merge them."""
-    return len({i for i in ids if i}) > 1
-
-
 class _Chunk:
-    """One chunk's users, loaded in a few queries, and the rules applied row by row in memory."""
+    """One chunk's users, loaded in a few queries, and the rules applied row by row in memory.
+
+    A row is an identify (SPEC §4.1) through identity's own functions: the
+    shared Directory resolves user_ids and keeps the unclaimed users of the
+    chunk's emails, ``update_user`` is rule 1, ``create_or_claim`` rule 2. What
+    is the CSV's own is how a row addresses its user: by kana_id first (an
+    exported file), or by email alone (no user_id to identify).
+    """
 
     def __init__(self, session: Session, workspace_id: int, provider: str | None, rows: list[Row],
                  *, actor: str | None, import_id: int | None) -> None:
@@ -319,90 +324,58 @@ class _Chunk:
             self.directory.remember(user_id, user)
         self.directory.preload(r.user_id for r in rows if r.user_id and r.user_id not in known)
         self.directory.preload_unclaimed(r.email for r in rows if r.email)
-        # Unclaimed users by email key, including those this chunk creates or re-emails.
-        self.unclaimed: dict[str, dict[int, User]] = {}
-        self._fresh: list[User] = []
-        self.gone: set[int] = set()
 
-    # -- lookups kept in step with the chunk's own changes
+    def _forget_merged_away(self) -> None:
+        """After a merge: the users it removed are gone for the chunk's later rows too."""
+        self.by_kana = {k: u for k, u in self.by_kana.items() if not inspect(u).was_deleted}
 
-    def _unclaimed(self, email: str, exclude: User | None = None) -> list[User]:
-        key = identity.email_key(email)
-        found = {id(u): u for u in self.directory.unclaimed(email)}
-        found.update((id(u), u) for u in self.unclaimed.get(key, {}).values())
-        return sorted(
-            (u for u in found.values()
-             if u is not exclude and u.user_id is None and u.email_key == key and u.kana_id not in self.gone),
-            key=lambda u: (u.kana_id is None, u.kana_id or 0),
+    def _traits(self, row: Row) -> identity.Traits:
+        return identity.Traits(
+            email=row.email,
+            name=row.name,
+            billing_id=row.billing_id,
+            billing_provider=provider_of(row.billing_id, self.provider) if row.billing_id else None,
         )
 
-    def _track(self, user: User) -> None:
-        if user.user_id is None and user.email_key:
-            self.unclaimed.setdefault(user.email_key, {})[id(user)] = user
-
-    def _find(self, user_id: str) -> User | None:
-        user = self.directory.find(user_id)
-        if user is not None and user.kana_id in self.gone:
-            self.directory.clear()
-            user = self.directory.find(user_id)
-        return user
-
-    def _merge(self, users: list[User], row: Row) -> User:
-        survivor = identity.merge(self.session, self.ws, users, trigger="csv", actor=self.actor,
-                                  detail={"import_id": self.import_id, "line": row.line})
-        for user in users:
-            if user is not survivor:
-                self.gone.add(user.kana_id)
-                self.by_kana.pop(user.kana_id, None)
-        self.by_kana[survivor.kana_id] = survivor
-        # Merged-away user_ids are aliases now: look them up afresh.
-        self.directory.clear()
-        return survivor
-
-    def _apply_fields(self, user: User, row: Row, *, fill_only: bool = False) -> bool:
-        changed = False
-        if row.name is not None and user.name != row.name and not (fill_only and user.name):
-            user.name, changed = row.name, True
-        if row.email is not None and user.email != row.email and not (fill_only and user.email):
-            user.email, user.email_key, changed = row.email, identity.email_key(row.email), True
-        if row.billing_id is not None and user.billing_id != row.billing_id and not (fill_only and user.billing_id):
-            user.billing_id = row.billing_id
-            user.billing_provider = provider_of(row.billing_id, self.provider)
-            changed = True
-        self._track(user)
-        return changed
+    def _cause(self, row: Row) -> dict[str, Any]:
+        """How merges this row makes are audited."""
+        return {"trigger": "csv", "actor": self.actor, "detail": {"import_id": self.import_id, "line": row.line}}
 
     # -- the rules
 
     def apply(self, row: Row) -> RowResult:
         result = RowResult(row.line, "unchanged")
+        traits = self._traits(row)
         target: User | None = None
         if row.kana_id is not None:
             target = self.by_kana.get(row.kana_id)
             if target is None and row.user_id is None:
                 raise RowError({"kana_id": f"no user with kana_id {row.kana_id} in this workspace "
                                            "(merged or deleted?); clear the cell to match by user_id or email"})
-        merged = False
-        created = False
         # A row of a user merged away since the export: its user_id leads to the
         # survivor, whose values win over the row's, as they did in the merge.
         fill_only = False
         if row.user_id is not None:
-            owner = self._find(row.user_id)
+            owner = self.directory.find(row.user_id)
             if target is None:
-                if row.kana_id is not None and owner is None:
-                    raise RowError({"kana_id": f"no user with kana_id {row.kana_id} in this workspace, "
-                                               f"and user_id {row.user_id!r} is unknown too"})
+                if owner is None:
+                    if row.kana_id is not None:
+                        raise RowError({"kana_id": f"no user with kana_id {row.kana_id} in this workspace, "
+                                                   f"and user_id {row.user_id!r} is unknown too"})
+                    # A new user_id: identify rule 2, exactly.
+                    return self._result(result, identity.create_or_claim(self.directory, row.user_id, traits, None,
+                                                                         source="csv"))
                 target = owner
                 fill_only = row.kana_id is not None
             elif owner is not None and owner is not target:
                 # The row says this kana_id is user_id U, which another user holds: one person.
                 billing = row.billing_id or target.billing_id
-                if _conflict(billing, owner.billing_id):
+                if identity.billing_conflict(billing, owner.billing_id):
                     raise RowError({"user_id": f"{row.user_id!r} belongs to kana_id {owner.kana_id}, whose billing "
                                                f"id {owner.billing_id!r} differs from {billing!r}: not merged"})
-                target = self._merge([target, owner], row)
-                merged = True
+                target = self.directory.merge([target, owner], **self._cause(row))
+                self._forget_merged_away()
+                result.status = "merged"
                 result.actions.append(f"merged kana_ids {sorted({row.kana_id, owner.kana_id})}")
             elif owner is None:
                 if target.user_id is not None:
@@ -411,50 +384,35 @@ class _Chunk:
                 target.user_id = row.user_id
                 self.directory.remember(row.user_id, target)
                 result.actions.append("claimed")
-            if target is None:
-                candidates = self._unclaimed(row.email) if row.email else []
-                if len(candidates) == 1 and not _conflict(row.billing_id, candidates[0].billing_id):
-                    target = candidates[0]
-                    target.user_id = row.user_id
-                    result.actions.append("claimed")
-                else:
-                    target = User(workspace_id=self.ws, user_id=row.user_id, source="csv")
-                    self.session.add(target)
-                    created = True
-                self.directory.remember(row.user_id, target)
         elif target is None:
             assert row.email is not None  # validate() ensures an identifier
-            candidates = self._unclaimed(row.email)
+            # Addressed by email alone: the one unclaimed user of that email is
+            # updated (no user_id to claim with); several can't be told apart.
+            candidates = self.directory.unclaimed(row.email)
             if len(candidates) > 1:
                 ids = ", ".join(str(u.kana_id) for u in candidates)
                 raise RowError({"email": f"{row.email!r} matches {len(candidates)} users without a user_id "
                                          f"(kana_ids {ids}); add a kana_id or user_id to choose"})
-            if candidates:
-                target = candidates[0]
-            else:
-                target = User(workspace_id=self.ws, source="csv")
-                self.session.add(target)
-                created = True
-        changed = self._apply_fields(target, row, fill_only=fill_only)
+            if not candidates:
+                created = identity.Identified(self.directory.add(None, traits, None, source="csv"), created=True)
+                return self._result(result, created)
+            target = candidates[0]
+        # identify rule 1 on the user the row addresses.
+        done = identity.update_user(self.directory, target, traits, None, only_blanks=fill_only, **self._cause(row))
+        return self._result(result, done)
 
-        # identify rule 1: a user with a user_id and an email merges the single unclaimed user of that email.
-        if not created and row.email and target.user_id is not None:
-            candidates = self._unclaimed(row.email, exclude=target)
-            if len(candidates) == 1 and not _conflict(target.billing_id, candidates[0].billing_id):
-                other = candidates[0]
-                target = self._merge([target, other], row)
-                merged = True
-                result.actions.append(f"merged kana_id {other.kana_id}")
-                # The row's values win over both users'.
-                self._apply_fields(target, row, fill_only=fill_only)
-        if created:
-            self._fresh.append(target)
-        result.user = target
-        if created:
+    def _result(self, result: RowResult, done: identity.Identified) -> RowResult:
+        result.user = done.user
+        if done.claimed:
+            result.actions.append("claimed")
+        if done.merged_with is not None:
+            result.actions.append(f"merged kana_id {done.merged_with}")
+            self._forget_merged_away()
+        if done.created:
             result.status = "created"
-        elif merged:
+        elif done.merged_with is not None:
             result.status = "merged"
-        elif changed or result.actions:
+        elif result.status == "unchanged" and (done.changed or result.actions):
             result.status = "updated"
         return result
 

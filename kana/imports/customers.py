@@ -28,6 +28,7 @@ from config import Settings
 from kana import db
 from kana.domain import identity
 from kana.domain.billing import check_billing_id
+from kana.errors import KanaError
 from kana.models import User, Workspace
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,10 @@ CHUNK = 500
 RATE_LIMIT_RETRIES = 5
 
 
-class ImportFailed(Exception):
+class ImportFailed(KanaError):
     """The provider refused or could not be reached; the message says what to do."""
+
+    code = "not_configured"
 
 
 @dataclass(frozen=True)
@@ -99,22 +102,17 @@ def upsert_customers(session: Session, workspace_id: int, provider: str, custome
     for billing_id, customer in wanted.items():
         users = existing.get(billing_id)
         if not users:
-            session.add(
-                User(
-                    workspace_id=workspace_id,
-                    email=customer.email,
-                    email_key=identity.email_key(customer.email),
-                    name=customer.name,
-                    billing_id=billing_id,
-                    billing_provider=provider,
-                    source=provider,
-                )
-            )
+            traits = identity.Traits(email=customer.email, name=customer.name, billing_id=billing_id,
+                                     billing_provider=provider)
+            identity.new_user(session, workspace_id, None, traits, None, source=provider)
             counts.created += 1
             continue
         changed = False
         for user in users:
-            changed |= _update(user, customer)
+            # The provider owns an unclaimed user's email and name; a claimed
+            # user's belong to identify, and the import only fills blanks.
+            traits = identity.Traits(email=customer.email, name=customer.name)
+            changed |= identity.apply_traits(user, traits, None, only_blanks=user.user_id is not None)
         if changed:
             counts.updated += 1
         else:
@@ -122,20 +120,6 @@ def upsert_customers(session: Session, workspace_id: int, provider: str, custome
     db.assign_ids(session)
     session.flush()
     return counts
-
-
-def _update(user: User, customer: Customer) -> bool:
-    unclaimed = user.user_id is None
-    changed = False
-    for field in ("email", "name"):
-        value = getattr(customer, field)
-        current = getattr(user, field)
-        if value is not None and current != value and (unclaimed or current is None):
-            setattr(user, field, value)
-            changed = True
-    if changed:
-        user.email_key = identity.email_key(user.email)
-    return changed
 
 
 # --- Stripe -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from kana import db
 from kana.domain import identity, rules, usage
 from kana.domain.billing import provider_of
+from kana.errors import KanaError
 from kana.ingest import spool
 from kana.models import DeadLetter, Event, User, Workspace
 
@@ -210,8 +211,11 @@ def dead_letter(session: Session, call: dict, error: BaseException) -> None:
     session.flush()
 
 
-class NotRetryable(ValueError):
+class NotRetryable(KanaError, ValueError):
     """A dead letter without the userId or messageId a queued call needs."""
+
+    status = 409
+    code = "not_retryable"
 
 
 def requeue(session: Session, redis: Redis, partitions: int, workspace_id: int, dead_letter_id: int) -> Requeued | None:

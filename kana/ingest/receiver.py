@@ -38,13 +38,13 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from marshmallow import ValidationError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from kana import metrics
+from kana import metrics, runtime
 from kana.auth import authenticate
 from kana.domain.keys import Principal
 from kana.errors import ApiError
@@ -75,7 +75,7 @@ class _Request:
     __slots__ = ("principal", "received_at", "max_depth", "max_call_bytes", "check_strings", "measure", "envelope")
 
     def __init__(self, principal: Principal, raw_text: str, measure: bool, envelope: dict | None = None) -> None:
-        settings = current_app.extensions["kana"].settings
+        settings = runtime.current().settings
         self.principal = principal
         self.received_at = datetime.now(UTC).isoformat()
         self.max_depth = settings.max_depth
@@ -289,9 +289,9 @@ def _normalize(call: Any, url_type: str | None, req: _Request) -> dict:
 
 
 def _enqueue(events: list[dict]) -> None:
-    runtime = current_app.extensions["kana"]
+    rt = runtime.current()
     try:
-        runtime.enqueue_drains(spool.push(runtime.redis, events, runtime.settings.partitions))
+        rt.enqueue_drains(spool.push(rt.redis, events, rt.settings.partitions))
     except (RedisError, OSError):
         # OSError: the embedded Redis server could not be reached or started.
         metrics.count_rejected("unavailable", len(events))
@@ -311,7 +311,7 @@ def _single(call: Any, url_type: str | None, req: _Request) -> Response:
 
 
 def _many(items: list, req: _Request, kind_of_list: str) -> Response:
-    settings = current_app.extensions["kana"].settings
+    settings = runtime.current().settings
     if len(items) > settings.max_batch_items:
         metrics.count_rejected("payload_too_large")
         raise ApiError(413, "payload_too_large", f"The {kind_of_list} has {len(items):,} calls; the limit is "
@@ -351,7 +351,7 @@ def _many(items: list, req: _Request, kind_of_list: str) -> Response:
 @bp.post("/v1/<any(identify, track, page, screen, group, alias):kind>")
 def single_call(kind: str) -> Response:
     """One call of the Segment HTTP Tracking API; its type comes from the URL."""
-    settings = current_app.extensions["kana"].settings
+    settings = runtime.current().settings
     try:
         data = _read_body(settings.max_call_bytes)
         body, text = _parse(data)
@@ -366,7 +366,7 @@ def single_call(kind: str) -> Response:
 @bp.post("/v1/batch")
 def batch() -> Response:
     """Segment's batch envelope, as the official libraries send it."""
-    settings = current_app.extensions["kana"].settings
+    settings = runtime.current().settings
     try:
         data = _read_body(settings.max_batch_bytes)
         body, text = _parse(data)
@@ -396,7 +396,7 @@ def batch() -> Response:
 @bp.post("/segment")
 def segment() -> Response:
     """What Segment's webhook/destination delivery sends: one call with a type, or an array of them."""
-    settings = current_app.extensions["kana"].settings
+    settings = runtime.current().settings
     try:
         data = _read_body(settings.max_batch_bytes)
         body, text = _parse(data)

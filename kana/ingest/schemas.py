@@ -18,10 +18,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
 
+from kana import errors
 from kana.domain.billing import check_billing_id
 from kana.domain.ids import MAX_EXTERNAL_ID, user_id_problem
 
@@ -219,17 +221,8 @@ def load_call(kind: str, call: dict) -> dict:
     return SCHEMAS[kind].load(with_aliases(call))
 
 
-def flatten(messages: Any, prefix: str = "") -> dict[str, list[str]]:
-    """Marshmallow's nested error dict as ``{"properties.delta": ["..."]}``."""
-    if isinstance(messages, dict):
-        out: dict[str, list[str]] = {}
-        for key, value in messages.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
-            out.update(flatten(value, path))
-        return out
-    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-        return {prefix or "_call": list(messages)}
-    return {prefix or "_call": [str(messages)]}
+# Marshmallow's nested error dict as ``{"properties.delta": ["..."]}``; a call-level problem is "_call".
+flatten = partial(errors.flatten, root="_call")
 
 
 def describe(errors: dict[str, list[str]]) -> str:

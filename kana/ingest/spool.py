@@ -179,15 +179,6 @@ def push(redis: Redis, events: Iterable[dict], partitions: int, *, requeue: bool
     return [p for p, was_set in zip(touched, raised, strict=True) if was_set]
 
 
-def claim_wakeups(redis: Redis, partitions: Iterable[int]) -> list[int]:
-    """Set the wake flag of each partition; returns those that had none (need a drain job)."""
-    parts = list(partitions)
-    pipe = redis.pipeline(transaction=False)
-    for p in parts:
-        pipe.set(wake_key(p), "1", nx=True, ex=WAKE_TTL)
-    return [p for p, was_set in zip(parts, pipe.execute(), strict=True) if was_set]
-
-
 @dataclass
 class DrainResult:
     chunks: int = 0

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from kana.errors import KanaError
 from kana.models import DashboardAdmin, Workspace, utcnow
 
 MIN_PASSWORD = 10
@@ -29,16 +30,15 @@ MAX_PASSWORD = 1024
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
-class AdminError(ValueError):
+class AdminError(KanaError, ValueError):
     """Invalid admin data; ``field`` names what is wrong."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, {field: [message]})
         self.field = field
-        self.message = message
 
 
-class AmbiguousLogin(LookupError):
+class AmbiguousLogin(KanaError, LookupError):
     """The email and password fit admins of several workspaces: the workspace must be named."""
 
 

@@ -1,3 +1,0 @@
-"""Imports the modules whose routes make up the dashboard blueprint."""
-
-from kana.dashboard import common, login, mapping, ops, overview, users  # noqa: F401
