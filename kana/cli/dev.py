@@ -144,6 +144,8 @@ def run(settings: Settings, *, port: int = 8000, workers: int = 2, verbose: bool
         return subprocess.Popen(commands[name], env=web_env if name == "web" else env)
 
     procs = {name: start(name) for name in commands}
+    started = {name: time.monotonic() for name in commands}
+    quick_deaths = dict.fromkeys(commands, 0)
     url = f"http://127.0.0.1:{port}"
     stopping = False
 
@@ -160,10 +162,17 @@ def run(settings: Settings, *, port: int = 8000, workers: int = 2, verbose: bool
         print(banner(url, settings.database_url, redis_url, access), flush=True)
         while not stopping:
             for name, proc in procs.items():
-                if proc.poll() is not None and not stopping:
-                    print(f"kana dev: {name} exited with code {proc.returncode}; restarting it", file=sys.stderr,
-                          flush=True)
-                    procs[name] = start(name)
+                if proc.poll() is None or stopping:
+                    continue
+                # A child that dies right after each start (a port in use, a broken install) is not
+                # restarted forever: the third quick death in a row stops the stack.
+                quick_deaths[name] = quick_deaths[name] + 1 if time.monotonic() - started[name] < 5 else 1
+                if quick_deaths[name] >= 3:
+                    print(f"kana dev: {name} keeps exiting (code {proc.returncode}); stopping", file=sys.stderr)
+                    return 1
+                print(f"kana dev: {name} exited with code {proc.returncode}; restarting it", file=sys.stderr,
+                      flush=True)
+                procs[name], started[name] = start(name), time.monotonic()
             time.sleep(0.5)
         return 0
     finally:
