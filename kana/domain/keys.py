@@ -59,7 +59,7 @@ def create_key(session: Session, workspace_id: int, scope: str, name: str | None
 
 
 def revoke_key(session: Session, workspace_id: int, key_id: int, redis: Redis | None = None) -> bool:
-    """Revoke a key; with ``redis``, its Redis record says so at once (see ``remember``)."""
+    """Revoke a key; with ``redis``, its Redis record (see ``remember``) is removed at once."""
     row = session.scalar(select(ApiKey).where(ApiKey.workspace_id == workspace_id, ApiKey.id == key_id))
     if row is None:
         return False
@@ -71,7 +71,7 @@ def revoke_key(session: Session, workspace_id: int, key_id: int, redis: Redis | 
             remember(redis, row.key_hash, None)
         except (RedisError, OSError) as exc:
             # The next database lookup of the key removes its record anyway.
-            log.warning("could not mark key %s revoked in Redis: %s", key_id, exc)
+            log.warning("could not remove the Redis record of key %s: %s", key_id, exc)
     return True
 
 
