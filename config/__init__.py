@@ -23,9 +23,11 @@ class Settings:
     # one worker at a time, which serialises all calls of a user.
     partitions: int = 16
     batch_size: int = 500
-    # A drain holds its partition's lock this long between heartbeats; a worker
-    # killed mid-batch frees the partition after at most this many seconds.
-    lock_ttl: float = 30.0
+    # A drain's partition lock lives this long unless its heartbeat (every third
+    # of it) renews it: a dead worker's partition is free after at most this many
+    # seconds, and live workers look for such partitions every takeover_interval.
+    lock_ttl: float = 5.0
+    takeover_interval: float = 2.0
     recover_interval: int = 30
     flags_interval: int = 300
     max_call_bytes: int = 32 * 1024
@@ -47,6 +49,8 @@ class Settings:
     login_window: int = 900
     # Send the dashboard's session cookie only over HTTPS (on in production).
     session_cookie_secure: bool = False
+    # Worker and scheduler log level; `kana dev` sets WARNING unless --verbose.
+    log_level: str = "INFO"
 
 
 def _database_url(raw: str | None, data_dir: Path) -> str:
@@ -71,7 +75,8 @@ def load(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         queue_name=env.get("KANA_QUEUE", "kana"),
         partitions=int(env.get("KANA_PARTITIONS", 16)),
         batch_size=int(env.get("KANA_BATCH_SIZE", 500)),
-        lock_ttl=float(env.get("KANA_LOCK_TTL", 30)),
+        lock_ttl=float(env.get("KANA_LOCK_TTL", 5)),
+        takeover_interval=float(env.get("KANA_TAKEOVER_INTERVAL", 2)),
         recover_interval=int(env.get("KANA_RECOVER_INTERVAL", 30)),
         flags_interval=int(env.get("KANA_FLAGS_INTERVAL", 300)),
         max_segment_bytes=int(env.get("KANA_SEGMENT_MAX_BYTES", 16 * 1024 * 1024)),
@@ -83,6 +88,7 @@ def load(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         login_attempts=int(env.get("KANA_LOGIN_ATTEMPTS", 10)),
         login_window=int(env.get("KANA_LOGIN_WINDOW", 900)),
         session_cookie_secure=env.get("SESSION_COOKIE_SECURE", "").lower() in ("1", "true", "yes", "on"),
+        log_level=(env.get("KANA_LOG_LEVEL") or "INFO").upper(),
     )
     settings = Settings(**values)
     if overrides:

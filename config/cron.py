@@ -1,4 +1,4 @@
-"""RQ cron configuration: ``rq cron config/cron.py`` (the Procfile's scheduler)."""
+"""The schedule, run by ``python -m kana.scheduler`` (the Procfile's scheduler); ``rq cron`` reads it too."""
 
 from rq import cron
 

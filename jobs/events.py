@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
+from sqlalchemy.exc import DBAPIError
+
 from jobs import runtime
+from kana import outages
 from kana.db import SessionLocal
 from kana.ingest import processor, spool
 from kana.runtime import Runtime
@@ -14,9 +18,23 @@ from kana.runtime import Runtime
 TIME_SLICE = 5.0
 PROCESSED_KEY = f"{spool.PREFIX}:stats:global"
 
+log = logging.getLogger(__name__)
+DATABASE = outages.Outage("database", log)
+
 
 def _apply(rt: Runtime, calls: list[dict]) -> None:
-    outcome = processor.process(SessionLocal, calls)
+    # While the database is unreachable the drain waits here, holding its chunk
+    # (the lock heartbeat keeps it), and resumes on its return: an outage
+    # delays the chunk, and logs one line, rather than failing a job per try.
+    while True:
+        try:
+            outcome = processor.process(SessionLocal, calls)
+            break
+        except DBAPIError as exc:
+            if outages.database_problem() is None:
+                raise  # the database answers: not an outage, let RQ record it
+            DATABASE.down(exc.orig or exc)
+            outages.wait_until_up(outages.database_problem, DATABASE, stopping=lambda: False)
     rt.redis.hincrby(PROCESSED_KEY, "processed", outcome.applied)
 
 

@@ -5,7 +5,8 @@ convention), ``Bearer key``, a bare ``key``, or ``writeKey`` in the JSON body.
 Lookups are cached per process for ``settings.key_cache_ttl`` seconds so the
 receiver does no database work per call; a revocation takes effect within that.
 ``/segment/{workspace_id}`` may instead be signed with the workspace's Segment
-shared secret (``verify_signature``), looked up through the same cache.
+shared secret (``verify_signature``), looked up the same way. What the database
+said is also recorded in Redis, which answers while the database is down.
 """
 
 from __future__ import annotations
@@ -14,46 +15,31 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from flask import g, request
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
-from kana import runtime
+from kana import outages, runtime
 from kana.db import SessionLocal, read_only
 from kana.domain import keys
 from kana.domain.keys import Principal
 from kana.errors import ApiError
 
-_cache: dict[tuple, tuple[float, Any]] = {}
+log = logging.getLogger(__name__)
+
+# record name → (fresh until, value); kept past that as the last answer.
+_cache: dict[str, tuple[float, Any]] = {}
 _cache_lock = threading.Lock()
 _CACHE_MAX = 10_000
-
-
-def cached_lookup(cache_key: tuple, load: Callable[[Session], Any]) -> Any:
-    """``load(session)``'s result, cached per process for ``settings.key_cache_ttl`` seconds.
-
-    The one cache of the receiver's database lookups (API keys, workspaces'
-    shared secrets), so a call needs no database work while the entry is fresh;
-    a revocation or settings change takes effect within the TTL (the surfaces
-    that change settings also clear it).
-    """
-    ttl = runtime.current().settings.key_cache_ttl
-    now = time.monotonic()
-    with _cache_lock:
-        hit = _cache.get(cache_key)
-    if hit is not None and hit[0] > now:
-        return hit[1]
-    with read_only(SessionLocal()) as session:
-        value = load(session)
-    with _cache_lock:
-        if len(_cache) > _CACHE_MAX:
-            _cache.clear()
-        _cache[cache_key] = (now + ttl, value)
-    return value
 
 
 def key_from_header(header: str | None) -> str | None:
@@ -76,14 +62,92 @@ def key_from_header(header: str | None) -> str | None:
     return None
 
 
+# While the database is unreachable, lookups stop trying it for this long
+# after each failure (a down database can take seconds to refuse).
+DATABASE_RETRY = 2.0
+_database = outages.Outage("database (API key checks)", log)
+_database_retry_at = 0.0
+
+
+def cached_lookup(name: str, load: Callable[[Session], tuple[bool, Any]],
+                  encode: Callable[[Any], dict], decode: Callable[[dict], Any]) -> Any:
+    """What ``load(session)`` says about ``name`` (a Redis record name), without needing the database.
+
+    The one lookup of the receiver's credentials (API keys, shared secrets).
+    ``load`` returns ``(known, value)``. The database answers, cached per
+    process for ``key_cache_ttl`` seconds (a revocation or settings change takes
+    effect within that; the surfaces that change them also clear this cache),
+    and what it said about a known name is recorded in Redis (a None value
+    removes the record). While the database is unreachable the Redis record
+    answers, else this process's last answer however old; with neither, the
+    database error propagates (the receiver answers 503 and Segment retries).
+    """
+    global _database_retry_at
+    rt = runtime.current()
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _cache.get(name)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    failure: Exception | None = None
+    if now >= _database_retry_at:
+        try:
+            with read_only(SessionLocal()) as session:
+                known, value = load(session)
+        except (DBAPIError, PoolTimeout) as exc:
+            failure = exc
+            _database_retry_at = now + DATABASE_RETRY
+            _database.down(exc)
+        else:
+            _database.up()
+            _remember(name, value, now + rt.settings.key_cache_ttl)
+            if known:
+                try:
+                    keys.write_record(rt.redis, name, None if value is None else encode(value))
+                except (RedisError, OSError):
+                    pass  # the receiver answers 503 for Redis itself; the record is rewritten next time
+            return value
+    try:
+        recorded = keys.read_record(rt.redis, name)
+    except (RedisError, OSError):
+        recorded = None
+    if recorded is not None:
+        value = decode(recorded)
+        _remember(name, value, now + rt.settings.key_cache_ttl)
+        return value
+    if hit is not None:
+        return hit[1]
+    if failure is None:
+        # Between retries of a down database, without an answer for this name.
+        raise DatabaseDown("the database is unreachable; retrying shortly")
+    raise failure
+
+
+class DatabaseDown(DBAPIError):
+    """No answer for a lookup while the database is skipped; a ``DBAPIError`` like the failure itself."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(statement=None, params=None, orig=ConnectionError(message))
+
+
+def _remember(name: str, value: Any, until: float) -> None:
+    with _cache_lock:
+        if len(_cache) > _CACHE_MAX:
+            _cache.clear()
+        _cache[name] = (until, value)
+
+
 def principal_for(key: str) -> Principal | None:
-    """The principal of a clear-text API key; None when unknown or revoked."""
-    return cached_lookup(("key", key), lambda session: keys.lookup(session, key))
+    """The principal of a clear-text API key, or None when it is unknown or revoked."""
+    digest = keys.hash_key(key)
+    return cached_lookup(keys.record_key(digest), lambda session: keys.lookup_hash(session, digest),
+                         asdict, lambda data: Principal(**data))
 
 
 def signer_for(workspace_id: int) -> keys.Signer | None:
     """The workspace's Segment shared secret and principal; None when there is no such workspace."""
-    return cached_lookup(("signer", workspace_id), lambda session: keys.signer(session, workspace_id))
+    return cached_lookup(keys.signer_record(workspace_id), lambda session: keys.signer(session, workspace_id),
+                         keys.Signer.as_dict, keys.Signer.from_dict)
 
 
 def verify_signature(workspace_id: int, signature: str | None, body: bytes) -> Principal:

@@ -43,19 +43,19 @@ def job_queue(redis: Redis, settings: Settings) -> Queue:
     return Queue(settings.queue_name, connection=redis)
 
 
-def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int]) -> int:
+def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int], *, at_front: bool = False) -> int:
     """Raise the wake flag of each partition and enqueue its drain job; returns how many were enqueued.
 
-    Regardless of a flag already set: the callers (recovery, a drain that
-    yielded its time slice) wake partitions whose flag may be stale, which is
-    exactly what they fix.
+    Regardless of a flag already set: the callers (recovery, takeover, a drain
+    that yielded its time slice) wake partitions whose flag may be stale, which
+    is exactly what they fix.
     """
     for p in partitions:
         redis.set(spool.wake_key(p), "1", ex=spool.WAKE_TTL)
-    return enqueue_drains(redis, settings, list(partitions))
+    return enqueue_drains(redis, settings, list(partitions), at_front=at_front)
 
 
-def enqueue_drains(redis: Redis, settings: Settings, partitions: list[int]) -> int:
+def enqueue_drains(redis: Redis, settings: Settings, partitions: list[int], *, at_front: bool = False) -> int:
     """Enqueue one drain job per partition (whose wake flag the caller raised)."""
     if not partitions:
         return 0
@@ -68,8 +68,34 @@ def enqueue_drains(redis: Redis, settings: Settings, partitions: list[int]) -> i
                 timeout=max(600, int(settings.lock_ttl * 4)),
                 result_ttl=60,
                 failure_ttl=7 * 24 * 3600,
+                job_id=spool.drain_job_id(p),
+                at_front=at_front,
             )
             for p in partitions
         ]
     )
     return len(partitions)
+
+
+def take_over(redis: Redis, settings: Settings, suspects: set[int]) -> tuple[list[int], set[int]]:
+    """Wake partitions whose drain died (SIGKILL, lost host, a failed job); run by every worker every few seconds.
+
+    ``suspects`` are the partitions this caller saw with queued events but no
+    lock and no job on its previous look; the second look confirms them. A
+    per-partition marker lets one worker, not all, enqueue the drain, and spaces
+    retries of a partition whose drain keeps failing. Returns (woken, suspects
+    for the next look).
+    """
+    coming = {p for p in map(spool.partition_of_job, job_queue(redis, settings).get_job_ids()) if p is not None}
+    left, idle = spool.abandoned(redis, settings.partitions, coming)
+    due = left + [p for p in idle if p in suspects]
+    if not due:
+        return [], set(idle)
+    pipe = redis.pipeline(transaction=False)
+    for p in due:
+        pipe.set(spool.takeover_key(p), "1", nx=True, px=int(settings.lock_ttl * 1000))
+    mine = [p for p, won in zip(due, pipe.execute(), strict=True) if won]
+    if mine:
+        # At the front: the chunk has already waited a lock TTL.
+        wake(redis, settings, mine, at_front=True)
+    return mine, set(idle) - set(due)

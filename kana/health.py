@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
-from redis.exceptions import RedisError
-from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 
-from kana import metrics, runtime
-from kana.db import SessionLocal
+from kana import metrics, outages, runtime
 
 bp = Blueprint("health", __name__)
 
@@ -20,29 +16,14 @@ def healthz() -> tuple[Response, int]:
     return jsonify({"status": "ok"}), 200
 
 
-def _check_database() -> str | None:
-    try:
-        with SessionLocal() as session:
-            session.execute(text("SELECT 1"))
-    except SQLAlchemyError as exc:
-        return f"unreachable: {type(exc).__name__}"
-    return None
-
-
-def _check_redis() -> str | None:
-    try:
-        runtime.current().redis.ping()
-    except (RedisError, OSError) as exc:
-        return f"unreachable: {type(exc).__name__}"
-    return None
-
-
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    problems = {"database": _check_database(), "redis": _check_redis()}
+    """What is down. Only Redis makes the web process unready: it accepts calls while the database is away."""
+    problems = {"database": outages.database_problem(),
+                "redis": outages.redis_problem(runtime.current().redis)}
     checks = {name: problem or "ok" for name, problem in problems.items()}
     failed = [name for name, problem in problems.items() if problem]
-    if failed:
+    if problems["redis"]:
         body = {
             "code": "not_ready",
             "message": f"Not ready: {' and '.join(failed)} unreachable.",
@@ -50,6 +31,9 @@ def readyz() -> tuple[Response, int]:
             "checks": checks,
         }
         return jsonify(body), 503
+    if failed:
+        message = "Degraded: the database is unreachable; calls are accepted and queued until it returns."
+        return jsonify({"status": "degraded", "message": message, "checks": checks}), 200
     return jsonify({"status": "ready", "checks": checks}), 200
 
 

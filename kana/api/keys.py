@@ -6,7 +6,7 @@ from flask import jsonify
 from flask.typing import ResponseReturnValue
 from marshmallow import Schema, fields, validate
 
-from kana import auth
+from kana import auth, runtime
 from kana.api.common import StrictSchema, body, bp, doc, text
 from kana.db import SessionLocal
 from kana.domain import keys
@@ -45,5 +45,5 @@ def create_key() -> ResponseReturnValue:
 @bp.delete("/keys/<int:key_id>")
 @doc("revokeKey", "Revoke an API key", status=204)
 def revoke_key(key_id: int) -> ResponseReturnValue:
-    key_actions.revoke(auth.workspace_id(), key_id)
+    key_actions.revoke(auth.workspace_id(), key_id, redis=runtime.current().redis)
     return "", 204

@@ -183,10 +183,13 @@ def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -
 @click.argument("key_id", type=int)
 def key_revoke(workspace_id: int, key_id: int) -> None:
     """Revoke an API key (takes effect within the key cache TTL)."""
+    from kana import broker
     from kana.services import keys
 
+    settings = _settings()
     _session()
-    keys.revoke(workspace_id, key_id)
+    # Removes the key's Redis record too (kana.domain.keys); not worth starting an embedded Redis for.
+    keys.revoke(workspace_id, key_id, redis=broker.connect(settings) if settings.redis_url else None)
     click.echo(f"key {key_id} revoked")
 
 
@@ -286,12 +289,13 @@ def feature_delete(workspace_id: int, feature_id: str, force: bool) -> None:
 @main.command()
 @click.option("--port", default=8000, show_default=True)
 @click.option("--workers", default=2, show_default=True)
-def dev(port: int, workers: int) -> None:
+@click.option("--verbose", is_flag=True, help="Also log routine jobs (each drain, the 30 s recover scan).")
+def dev(port: int, workers: int, verbose: bool) -> None:
     """Run web + workers + scheduler on this machine (embedded SQLite/Redis by default)."""
-    # By its full name: in this package ``dev`` is this command, not the module.
-    from kana.cli.dev import run as run_stack
+    # Not ``from kana.cli import dev``: that name is this command, not the module.
+    from kana.cli.dev import run
 
-    sys.exit(run_stack(_settings(), port=port, workers=workers))
+    sys.exit(run(_settings(), port=port, workers=workers, verbose=verbose))
 
 
 @main.command()

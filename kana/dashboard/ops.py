@@ -213,7 +213,7 @@ def revoke_key_confirm(key_id: int) -> ResponseReturnValue:
 
 @bp.post("/keys/<int:key_id>/revoke")
 def revoke_key(key_id: int) -> ResponseReturnValue:
-    key_actions.revoke(ws(), key_id)
+    key_actions.revoke(ws(), key_id, redis=current().redis)
     notice(f"API key {key_id} revoked.")
     return redirect(url_for("dashboard.api_keys"))
 

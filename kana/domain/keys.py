@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kana.models import ApiKey, Workspace, utcnow
 
+log = logging.getLogger(__name__)
+
 SCOPES = ("ingest", "admin")
 # Every key this installation issues starts with it (``kana_i_…`` ingest, ``kana_a_…`` admin).
 KEY_PREFIX = "kana_"
+# A record in Redis (below) outlives its last database lookup this long.
+RECORD_TTL = 7 * 24 * 3600
 BILLING_PROVIDERS = ("stripe", "chargebee")
 
 
@@ -54,12 +62,20 @@ def create_key(session: Session, workspace_id: int, scope: str, name: str | None
     return row, key
 
 
-def revoke_key(session: Session, workspace_id: int, key_id: int) -> bool:
+def revoke_key(session: Session, workspace_id: int, key_id: int, redis: Redis | None = None) -> bool:
+    """Revoke a key; with ``redis``, its Redis record (see ``remember``) is removed at once."""
     row = session.scalar(select(ApiKey).where(ApiKey.workspace_id == workspace_id, ApiKey.id == key_id))
     if row is None:
         return False
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+    if redis is not None:
+        # Before the commit, so a failure errs on the side of refusing the key.
+        try:
+            remember(redis, row.key_hash, None)
+        except (RedisError, OSError) as exc:
+            # The next database lookup of the key removes its record anyway.
+            log.warning("could not remove the Redis record of key %s: %s", key_id, exc)
     return True
 
 
@@ -69,14 +85,21 @@ def list_keys(session: Session, workspace_id: int) -> list[ApiKey]:
 
 def lookup(session: Session, key: str) -> Principal | None:
     """The principal for a clear-text key, or None when unknown or revoked."""
+    return lookup_hash(session, hash_key(key))[1]
+
+
+def lookup_hash(session: Session, key_hash: str) -> tuple[bool, Principal | None]:
+    """(known, principal) for a key's hash: unknown keys are (False, None), revoked ones (True, None)."""
     row = session.execute(
         select(ApiKey, Workspace.billing_provider, Workspace.keep_ip)
         .join(Workspace, Workspace.id == ApiKey.workspace_id)
-        .where(ApiKey.key_hash == hash_key(key))
+        .where(ApiKey.key_hash == key_hash)
     ).first()
-    if row is None or row[0].revoked_at is not None:
-        return None
-    return Principal(row[0].workspace_id, row[0].scope, row[0].id, row[1], bool(row[2]))
+    if row is None:
+        return False, None
+    if row[0].revoked_at is not None:
+        return True, None
+    return True, Principal(row[0].workspace_id, row[0].scope, row[0].id, row[1], bool(row[2]))
 
 
 @dataclass(frozen=True)
@@ -86,10 +109,58 @@ class Signer:
     secret: str | None
     principal: Principal
 
+    def as_dict(self) -> dict:
+        return {"secret": self.secret, "principal": asdict(self.principal)}
 
-def signer(session: Session, workspace_id: int) -> Signer | None:
-    """What verifying ``/segment/{workspace_id}``'s X-Signature needs; None for no such workspace."""
+    @classmethod
+    def from_dict(cls, data: dict) -> Signer:
+        return cls(data["secret"], Principal(**data["principal"]))
+
+
+def signer(session: Session, workspace_id: int) -> tuple[bool, Signer | None]:
+    """(known, signer) for verifying ``/segment/{workspace_id}``'s X-Signature; (False, None): no such workspace."""
     row = session.get(Workspace, workspace_id)
     if row is None:
-        return None
-    return Signer(row.segment_shared_secret, Principal(row.id, "ingest", None, row.billing_provider, row.keep_ip))
+        return False, None
+    return True, Signer(row.segment_shared_secret, Principal(row.id, "ingest", None, row.billing_provider, row.keep_ip))
+
+
+# -- records in Redis -----------------------------------------------------------------
+# The receiver checks keys (and shared secrets) against the database, and keeps
+# what it learnt in Redis: while the database is unreachable the record answers
+# instead (SPEC §3: accepting a call never needs the database).
+
+
+RECORD_PREFIX = "kana:auth:"
+
+
+def record_key(key_hash: str) -> str:
+    return f"{RECORD_PREFIX}key:{key_hash}"
+
+
+def signer_record(workspace_id: int) -> str:
+    return f"{RECORD_PREFIX}signer:{workspace_id}"
+
+
+def write_record(redis: Redis, name: str, value: dict | None) -> None:
+    """Record what the database said; None (revoked, gone) removes the record."""
+    if value is None:
+        redis.delete(name)
+    else:
+        redis.set(name, json.dumps(value), ex=RECORD_TTL)
+
+
+def read_record(redis: Redis, name: str) -> dict | None:
+    raw = redis.get(name)
+    return None if raw is None else json.loads(raw)
+
+
+def remember(redis: Redis, key_hash: str, principal: Principal | None) -> None:
+    """Record a verified key's principal; None (revoked) removes the record. Unknown keys get none."""
+    write_record(redis, record_key(key_hash), None if principal is None else asdict(principal))
+
+
+def recall(redis: Redis, key_hash: str) -> Principal | None:
+    """The principal recorded for a key's hash, if any."""
+    data = read_record(redis, record_key(key_hash))
+    return None if data is None else Principal(**data)

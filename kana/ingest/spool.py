@@ -7,11 +7,17 @@ to the partition's *inflight* list, applies them in one database transaction,
 then acknowledges (trims) them. A worker killed mid-chunk leaves the chunk in the
 inflight list; the next holder re-applies it first, and the unique messageId per
 workspace makes that re-application a no-op for whatever had committed.
+
+The lock is short (``settings.lock_ttl``, seconds) and renewed by a heartbeat
+thread while its drain runs, so a dead holder's partition is free within that
+TTL; live workers look for such partitions every few seconds (``abandoned``)
+and take them over, without waiting for the scheduler.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 import zlib
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 PREFIX = "kana"
 DRAIN_JOB = "jobs.events.drain"
@@ -44,6 +51,21 @@ def wake_key(p: int) -> str:
 
 def stats_key(workspace_id: int) -> str:
     return f"{PREFIX}:stats:{workspace_id}"
+
+
+def takeover_key(p: int) -> str:
+    return f"{PREFIX}:takeover:{p}"
+
+
+def drain_job_id(p: int) -> str:
+    """A drain job's RQ id names its partition, so a look at the queue says which partitions have one coming."""
+    return f"drain-{p}-{uuid.uuid4().hex}"
+
+
+def partition_of_job(job_id: str) -> int | None:
+    kind, _, rest = job_id.partition("-")
+    number = rest.partition("-")[0]
+    return int(number) if kind == "drain" and number.isdigit() else None
 
 
 # A wake flag outlives a lost job by at most this long; the recovery job covers the gap.
@@ -79,6 +101,41 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class _Heartbeat:
+    """Renews a held partition lock every quarter of its TTL while the drain runs.
+
+    The drain's main thread may spend long in one transaction (a big chunk, a
+    database that is waited for); the lock must outlive that, yet expire within
+    its TTL once the process is gone.
+    """
+
+    def __init__(self, redis: Redis, partition: int, token: str, ttl_ms: int) -> None:
+        self._renew = redis.register_script(_RENEW)
+        self._args = ([lock_key(partition)], [token, ttl_ms])
+        self._interval = ttl_ms / 4000
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lock-heartbeat-{partition}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        keys, args = self._args
+        while not self._stop.wait(self._interval):
+            try:
+                if not self._renew(keys=keys, args=args):
+                    return  # lost: the drain's ack will notice and stop
+            except (RedisError, OSError):
+                continue  # Redis blinked: try again; the lock may survive
 
 
 class LockLost(RuntimeError):
@@ -170,13 +227,16 @@ def drain(
     ttl_ms = int(lock_ttl * 1000)
     # A holder that is still running will hand over soon; one that died frees the
     # lock when its TTL runs out. Either way waiting here is what keeps a wake-up
-    # from being lost (the holder may have left the queue to us).
-    if not _acquire(redis, partition, token, ttl_ms, wait=lock_ttl * 2):
-        raise TimeoutError(f"partition {partition} stayed locked for {lock_ttl * 2:.0f}s")
+    # from being lost (the holder may have left the queue to us). A live holder
+    # keeps the lock for its time slice plus one chunk.
+    wait = lock_ttl * 2 + (max_seconds or 0.0)
+    if not _acquire(redis, partition, token, ttl_ms, wait=wait):
+        raise TimeoutError(f"partition {partition} stayed locked for {wait:.0f}s")
     claim, ack, release = (redis.register_script(s) for s in (_CLAIM, _ACK, _RELEASE))
     keys = [queue_key(partition), inflight_key(partition), lock_key(partition)]
     result = DrainResult()
     started = time.monotonic()
+    heartbeat = _Heartbeat(redis, partition, token, ttl_ms)
     try:
         while True:
             raw = claim(keys=keys, args=[token, batch_size])
@@ -207,24 +267,47 @@ def drain(
                 result.yielded = True
                 break
     finally:
+        heartbeat.stop()
         release(keys=[lock_key(partition)], args=[token])
     return result
 
 
-def stranded(redis: Redis, partitions: int) -> list[int]:
-    """Partitions holding events that no live drain holds the lock for."""
+def _states(redis: Redis, partitions: int) -> list[tuple[int, int, int]]:
+    """(queued, inflight, locked) of every partition, in one round trip."""
     pipe = redis.pipeline(transaction=False)
     for p in range(partitions):
         pipe.llen(queue_key(p))
         pipe.llen(inflight_key(p))
         pipe.exists(lock_key(p))
     values = pipe.execute()
-    out = []
-    for p in range(partitions):
-        queued, inflight, locked = values[3 * p : 3 * p + 3]
-        if (queued or inflight) and not locked:
-            out.append(p)
-    return out
+    return [tuple(values[3 * p : 3 * p + 3]) for p in range(partitions)]
+
+
+def stranded(redis: Redis, partitions: int) -> list[int]:
+    """Partitions holding events that no live drain holds the lock for."""
+    return [p for p, (queued, inflight, locked) in enumerate(_states(redis, partitions))
+            if (queued or inflight) and not locked]
+
+
+def abandoned(redis: Redis, partitions: int, coming: set[int]) -> tuple[list[int], list[int]]:
+    """Partitions holding events with no lock and no drain job coming (``coming``: those with one queued).
+
+    Returns (partitions with an inflight chunk, partitions with queued events
+    only). An inflight chunk without a lock is always left behind (a drain that
+    died or failed); queued events without a lock or a queued job also occur for
+    an instant between a push and its job being enqueued, so callers confirm
+    those on a second look.
+    """
+    left: list[int] = []
+    idle: list[int] = []
+    for p, (queued, inflight, locked) in enumerate(_states(redis, partitions)):
+        if locked or p in coming:
+            continue
+        if inflight:
+            left.append(p)
+        elif queued:
+            idle.append(p)
+    return left, idle
 
 
 def depth(redis: Redis, partitions: int) -> int:

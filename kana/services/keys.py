@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis import Redis
+
 from kana import auth
 from kana.db import SessionLocal
 from kana.domain import ids, keys
@@ -18,8 +20,9 @@ def create(workspace_id: int, scope: str, name: str | None = None) -> dict[str, 
         return {**key_json(row), "api_key": plain}
 
 
-def revoke(workspace_id: int, key_id: int) -> None:
+def revoke(workspace_id: int, key_id: int, redis: Redis | None = None) -> None:
+    """With ``redis``, the key's record there goes too (see ``kana.domain.keys.remember``)."""
     with SessionLocal.begin() as s:
-        if not ids.in_id_range(key_id) or not keys.revoke_key(s, workspace_id, key_id):
+        if not ids.in_id_range(key_id) or not keys.revoke_key(s, workspace_id, key_id, redis=redis):
             raise NotFound(f"No API key {key_id} in this workspace.")
     auth.clear_cache()
