@@ -38,6 +38,7 @@ def user_json(user: User, aliases: list[str] | None = None) -> dict[str, Any]:
         "source": user.source,
         "group_id": user.group_id,
         "group_name": user.group_name,
+        "plan_id": user.plan_id,
         "created_at": iso(user.created_at),
         "updated_at": iso(user.updated_at),
     }

@@ -77,7 +77,7 @@ def key() -> None:
 
 @key.command("create")
 @click.option("--workspace", "workspace_id", type=int, required=True)
-@click.option("--scope", type=click.Choice(["ingest", "admin"]), default="ingest", show_default=True)
+@click.option("--scope", type=click.Choice(["ingest", "check", "admin"]), default="ingest", show_default=True)
 @click.option("--name", default=None)
 @click.option("--json", "as_json", is_flag=True)
 def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -> None:
@@ -91,7 +91,7 @@ def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -
         row, plain = keys.create_key(s, workspace_id, scope, name)
         key_id = row.id
     if as_json:
-        click.echo(json.dumps({"id": key_id, "scope": scope, "api_key": plain}))
+        click.echo(json.dumps({"key_id": key_id, "id": key_id, "scope": scope, "api_key": plain}))
     else:
         click.echo(f"key {key_id} ({scope}): {plain}")
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from kana.domain import entitlements
 from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
 
 # Fields a merge fills from the merged-away users when the survivor lacks them.
@@ -325,6 +326,7 @@ def merge(
         )
     )
     session.flush()
+    entitlements.touch(session, workspace_id)
     return survivor
 
 
@@ -346,6 +348,7 @@ def alias(directory: Directory, previous_id: str, user_id: str, *, at: datetime 
             session.add(Alias(workspace_id=ws, alias=old, kana_id=previous.kana_id))
         user, result = previous, "renamed"
         directory.clear()
+        entitlements.touch(session, ws)
     elif previous is not None and current is not None and previous is not current:
         if _billing_conflict(previous.billing_id, current.billing_id):
             result = "billing_conflict"
@@ -426,6 +429,7 @@ def delete_users(
         )
     )
     session.flush()
+    entitlements.touch(session, workspace_id)
     return len(users)
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from kana.models import ApiKey, Workspace, utcnow
 
-SCOPES = ("ingest", "admin")
+SCOPES = ("ingest", "check", "admin")
 BILLING_PROVIDERS = ("stripe", "chargebee")
 
 
