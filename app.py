@@ -29,6 +29,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(api_rules.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(api_ops.bp)
+    from kana.api import entitlements as api_entitlements
+    from kana.api import plans as api_plans
+    from kana.api import webhook as api_webhook
+
+    app.register_blueprint(api_plans.bp)
+    app.register_blueprint(api_entitlements.bp)
+    app.register_blueprint(api_webhook.bp)
     from kana import dashboard  # operator dashboard at /dashboard, rq-dashboard at /rq
     dashboard.init_app(app)
     return app

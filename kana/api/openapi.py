@@ -16,9 +16,12 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from marshmallow import Schema, fields
 
+from kana.api import entitlements as api_entitlements
 from kana.api import ops as api_ops
+from kana.api import plans as api_plans
 from kana.api import rules as api_rules
 from kana.api import users as api
+from kana.api import webhook as api_webhook
 from kana.domain import features, ledger
 
 PREFIX = api.bp.url_prefix or ""
@@ -306,7 +309,8 @@ def build() -> APISpec:
     for path, operations in by_path.items():
         spec.path(path=PREFIX + path, operations=operations, parameters=_path_parameters(path))
     # Rules and operations blueprints describe their own paths (full paths, under PREFIX).
-    for extra in (api_rules.OPENAPI_PATHS, api_ops.OPENAPI_PATHS):
+    for extra in (api_rules.OPENAPI_PATHS, api_ops.OPENAPI_PATHS, api_plans.OPENAPI_PATHS,
+                  api_entitlements.OPENAPI_PATHS, api_webhook.OPENAPI_PATHS):
         for path, item in extra.items():
             item = dict(item)
             spec.path(path=path, parameters=item.pop("parameters", None), operations=item)
