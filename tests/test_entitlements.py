@@ -294,3 +294,47 @@ def test_check_fed_by_the_official_segment_client(live_server, workspace, work, 
     answer = check(client, workspace, "seg-user-2", delta=2)
     assert answer["used"] == 9 and answer["access"] is False and answer["reason"] == "limit_exceeded"
     assert check(client, workspace, "seg-user", delta=1)["access"] is True
+
+
+def test_cli_plans_assign_webhook_and_check_keys(settings, client, workspace, work):
+    import json
+
+    from click.testing import CliRunner
+
+    import jobs
+    from kana.cli import main as cli
+
+    env = {"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url or "",
+           "KANA_DATA_DIR": str(settings.data_dir)}
+
+    def kana(*args: object, **extra: str):
+        result = CliRunner().invoke(cli, [str(a) for a in args], env={**env, **extra})
+        jobs.init(settings)  # the command built its own runtime from the environment
+        return result
+
+    assert api(client, workspace, "POST", "/api/v1/features", json={"id": "messages", "name": "M"}).status_code == 201
+    send(client, workspace, [track("ann", delta=3)])
+    work()
+    bad = kana("plan", "create", "--workspace", workspace.id, "pro", "--features",
+               '[{"feature_id": "messages", "limit": -2}]')
+    assert bad.exit_code != 0 and "features[0].limit" in bad.output
+    made = kana("plan", "create", "--workspace", workspace.id, "pro", "--name", "Pro", "--json", "--features",
+                '[{"feature_id": "messages", "limit": 10, "thresholds": [80]}]')
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.output)["features"][0]["limit"] == 10
+    listed = kana("plan", "list", "--workspace", workspace.id, "--json")
+    assert [p["id"] for p in json.loads(listed.output)] == ["pro"]
+    assert check(client, workspace, "ann")["reason"] == "no_plan"  # cached: no plan
+    assigned = kana("plan", "assign", "--workspace", workspace.id, "--user", "ann", "pro")
+    assert assigned.exit_code == 0, assigned.output
+    assert check(client, workspace, "ann")["used"] == 3  # the CLI's commit moved the cache on
+
+    refused = kana("webhook", "set", "--workspace", workspace.id, "http://127.0.0.1:9/hook")
+    assert refused.exit_code != 0 and "private" in refused.output
+    allowed = kana("webhook", "set", "--workspace", workspace.id, "http://127.0.0.1:9/hook", "--json",
+                   KANA_WEBHOOK_ALLOW_PRIVATE="1")
+    assert allowed.exit_code == 0 and json.loads(allowed.output)["secret"].startswith("whsec_")
+
+    made = kana("key", "create", "--workspace", workspace.id, "--scope", "check", "--json")
+    key = json.loads(made.output)
+    assert key["key_id"] and check(client, workspace, "ann", key=key["api_key"])["used"] == 3

@@ -643,3 +643,6 @@ def admin_list(workspace_id: int) -> None:
         for row in rows:
             last = row.last_login_at.isoformat() if row.last_login_at else "never"
             click.echo(f"{row.id}\t{row.email}\tlast login {last}")
+
+
+from kana.cli import plans as _plans  # noqa: E402,F401 - registers `kana plan …` and `kana webhook set`
