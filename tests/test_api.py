@@ -95,7 +95,7 @@ def assert_invalid(resp, field: str) -> None:
     assert field in body["message"], body
 
 
-API_BLUEPRINTS = ("api.", "rules_api.", "ops_api.")
+API_BLUEPRINTS = ("api.", "rules_api.", "ops_api.", "plans_api.", "entitlements_api.", "webhook_api.")
 
 
 def api_rules(app) -> list:
