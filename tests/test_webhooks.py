@@ -19,6 +19,7 @@ from kana.db import SessionLocal, read_only
 from kana.domain import webhooks
 from kana.models import Alert, WebhookDelivery
 from tests.conftest import wait_until
+from tests.test_dashboard import admin, browser, post, text  # noqa: F401 - fixtures
 from tests.test_entitlements import api, assign, kana_id_of, send, setup_plan, track
 
 
@@ -241,3 +242,30 @@ def test_signature_scheme():
     expected = hmac.new(b"s3cret", b"1700000000." + body, hashlib.sha256).hexdigest()
     assert header == f"t=1700000000,v1={expected}"
     assert not webhooks.verify("other", body, webhooks.sign("s3cret", body, int(__import__("time").time())))
+
+
+def test_dashboard_plans_user_entitlements_and_delivery_retry(browser, admin, client, workspace, work, receiver,  # noqa: F811
+                                                              allow_private):
+    setup_plan(client, workspace, limit=2, thresholds=[100])
+    set_webhook(client, workspace, receiver)
+    send(client, workspace, [track("ann"), track("ann")])
+    work()
+    page = text(browser.get("/dashboard/plans"))
+    assert 'data-plan="pro"' in page and "alerts at 100%" in page
+    kana_id = kana_id_of(workspace.id, "ann")
+    resp = post(browser, f"/dashboard/users/{kana_id}/plan", {"plan_id": "pro"})
+    assert resp.status_code == 302
+    page = text(browser.get(f"/dashboard/users/{kana_id}"))
+    assert 'id="entitlements"' in page and 'data-entitlement="messages"' in page
+    # The plan was assigned after the usage: the next event records the crossing.
+    receiver.script = [500]
+    send(client, workspace, [track("ann", delta=0)])
+    work()
+    [row] = deliveries(client, workspace)
+    assert row["status"] == "pending" and row["attempts"] == 1
+    page = text(browser.get("/dashboard/webhook"))
+    assert f'data-delivery="{row["id"]}"' in page and "HTTP 500" in page
+    assert post(browser, f"/dashboard/webhook/deliveries/{row['id']}/retry").status_code == 302
+    work()
+    assert deliveries(client, workspace)[0]["status"] == "delivered"
+    assert post(browser, "/dashboard/webhook/deliveries/999999/retry").status_code == 404

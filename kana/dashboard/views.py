@@ -1,3 +1,3 @@
 """Imports the modules whose routes make up the dashboard blueprint."""
 
-from kana.dashboard import common, login, mapping, ops, overview, users  # noqa: F401
+from kana.dashboard import common, login, mapping, ops, overview, plans, users  # noqa: F401
