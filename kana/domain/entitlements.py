@@ -26,9 +26,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 from redis import Redis
+from redis.commands.core import Script
 from redis.exceptions import RedisError
 from sqlalchemy import and_, event, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -212,6 +214,12 @@ return {gen, ident, pf, used}
 """
 
 
+@lru_cache(maxsize=8)
+def _lookup(redis: Redis) -> Script:
+    # One Script per client: it hashes the source once and retries with EVAL after a Redis restart.
+    return redis.register_script(_LOOKUP)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -220,7 +228,7 @@ def check(redis: Redis, sessions: sessionmaker, workspace_id: int, user_id: str,
           delta: Decimal = Decimal(1), now: datetime | None = None) -> dict[str, Any]:
     """canUseFeature: from Redis when warm (no database query); PostgreSQL on a miss, then refilled."""
     now = now or datetime.now(UTC)
-    found = redis.register_script(_LOOKUP)(args=[workspace_id, user_id, feature_id, period_key("month", now),
+    found = _lookup(redis)(args=[workspace_id, user_id, feature_id, period_key("month", now),
                                                  period_key("day", now)])
     gen = _text(found[0])
     if len(found) >= 3:
