@@ -338,3 +338,15 @@ def test_cli_plans_assign_webhook_and_check_keys(settings, client, workspace, wo
     made = kana("key", "create", "--workspace", workspace.id, "--scope", "check", "--json")
     key = json.loads(made.output)
     assert key["key_id"] and check(client, workspace, "ann", key=key["api_key"])["used"] == 3
+
+
+def test_check_answers_from_the_database_while_redis_is_down(client, workspace, work, runtime, monkeypatch):
+    from redis import Redis
+
+    setup_plan(client, workspace, limit=10)
+    send(client, workspace, [track("ann", delta=4)])
+    work()
+    assign(client, workspace, "ann")
+    monkeypatch.setattr(runtime, "redis", Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2))
+    answer = check(client, workspace, "ann", delta=7)
+    assert answer["used"] == 4 and answer["access"] is False and answer["reason"] == "limit_exceeded"

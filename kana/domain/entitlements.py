@@ -228,9 +228,14 @@ def check(redis: Redis, sessions: sessionmaker, workspace_id: int, user_id: str,
           delta: Decimal = Decimal(1), now: datetime | None = None) -> dict[str, Any]:
     """canUseFeature: from Redis when warm (no database query); PostgreSQL on a miss, then refilled."""
     now = now or datetime.now(UTC)
-    found = _lookup(redis)(args=[workspace_id, user_id, feature_id, period_key("month", now),
-                                                 period_key("day", now)])
-    gen = _text(found[0])
+    try:
+        found = _lookup(redis)(args=[workspace_id, user_id, feature_id, period_key("month", now),
+                                     period_key("day", now)])
+    except RedisError as exc:
+        # Checks keep answering, exactly, from PostgreSQL while Redis is away.
+        log.warning("entitlement cache unreachable, answering from the database: %s", exc)
+        found = [None]
+    gen = _text(found[0]) if found[0] is not None else None
     if len(found) >= 3:
         if not found[2]:
             return answer(None, Decimal(0), delta, now, "not_in_plan")
@@ -243,7 +248,11 @@ def check(redis: Redis, sessions: sessionmaker, workspace_id: int, user_id: str,
         return answer(None, Decimal(0), delta, now, "no_plan")
     with read_only(sessions()) as session:
         body, read = check_db(session, workspace_id, user_id, feature_id, delta, now)
-    _refill(redis, workspace_id, gen, user_id, read)
+    if gen is not None:
+        try:
+            _refill(redis, workspace_id, gen, user_id, read)
+        except RedisError as exc:
+            log.warning("entitlement cache not refilled: %s", exc)
     return body
 
 
