@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from sqlalchemy import text, update
 
 import config
 from bench import RESULTS, write_report
-from bench.run import _UNITS, free_port
+from bench.run import free_port, wrk_figures
 from kana import db, migrate
 from kana.broker import connect
 from kana.domain import keys, plans
@@ -112,16 +111,7 @@ def wrk(url: str, *, connections: int, seconds: int, script: str | None = None, 
     out = subprocess.run([*cmd, url, "--", *args], capture_output=True, text=True, check=True).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw error responses:\n{out}")
-
-    def percentile(label: str) -> float:
-        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
-        assert match, out
-        return float(match.group(1)) * _UNITS[match.group(2)]
-
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    assert rps, out
-    return {"connections": connections, "requests_per_s": float(rps.group(1)), "p50_ms": percentile("50"),
-            "p90_ms": percentile("90"), "p99_ms": percentile("99")}
+    return {"connections": connections, **wrk_figures(out)}
 
 
 def transactions(dbname: str) -> int:
