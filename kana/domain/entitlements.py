@@ -431,7 +431,11 @@ def _after_commit(session: Session) -> None:
         # Checks may lag until the pair's next write; the commit stands.
         log.warning("entitlement cache not updated after commit: %s", exc)
     if deliveries and _enqueue is not None:
-        _enqueue(deliveries)
+        try:
+            _enqueue(deliveries)
+        except RedisError as exc:
+            # The rows are committed and due: the scheduler's sweep queues them.
+            log.warning("webhook deliveries %s not queued: %s", deliveries, exc)
 
 
 def _after_rollback(session: Session) -> None:
