@@ -328,6 +328,12 @@ def test_cli_plans_assign_webhook_and_check_keys(settings, client, workspace, wo
     assigned = kana("plan", "assign", "--workspace", workspace.id, "--user", "ann", "pro")
     assert assigned.exit_code == 0, assigned.output
     assert check(client, workspace, "ann")["used"] == 3  # the CLI's commit moved the cache on
+    send(client, workspace, [track("bob", delta=2)])
+    work()
+    merged = kana("users", "merge", "--workspace", workspace.id, kana_id_of(workspace.id, "ann"),
+                  kana_id_of(workspace.id, "bob"))
+    assert merged.exit_code == 0, merged.output
+    assert check(client, workspace, "bob")["used"] == 5 and check(client, workspace, "ann")["used"] == 5
 
     refused = kana("webhook", "set", "--workspace", workspace.id, "http://127.0.0.1:9/hook")
     assert refused.exit_code != 0 and "private" in refused.output
@@ -337,7 +343,7 @@ def test_cli_plans_assign_webhook_and_check_keys(settings, client, workspace, wo
 
     made = kana("key", "create", "--workspace", workspace.id, "--scope", "check", "--json")
     key = json.loads(made.output)
-    assert key["key_id"] and check(client, workspace, "ann", key=key["api_key"])["used"] == 3
+    assert key["key_id"] and check(client, workspace, "ann", key=key["api_key"])["used"] == 5
 
 
 def test_check_answers_from_the_database_while_redis_is_down(client, workspace, work, runtime, monkeypatch):

@@ -16,8 +16,10 @@ def _settings() -> config.Settings:
 
 def _session():  # noqa: ANN202
     from kana import db
+    from kana.runtime import Runtime
 
-    db.configure(_settings().database_url)
+    # A Runtime, not just the engine: merges and deletes must reach the entitlement cache after commit.
+    Runtime(_settings())
     return db.SessionLocal
 
 

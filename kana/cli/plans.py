@@ -7,7 +7,7 @@ import json
 import click
 
 import config
-from kana.cli import main
+from kana.cli import _session, main
 
 
 def _runtime():  # noqa: ANN202
@@ -15,13 +15,6 @@ def _runtime():  # noqa: ANN202
     from kana.runtime import Runtime
 
     return Runtime(config.load())
-
-
-def _sessions():  # noqa: ANN202
-    from kana import db
-
-    _runtime()
-    return db.SessionLocal
 
 
 def _workspace(session, workspace_id: int) -> None:  # noqa: ANN001
@@ -56,7 +49,7 @@ def plan_create(workspace_id: int, plan_id: str, name: str | None, features_json
     except ValueError as exc:
         raise click.ClickException(f"--features is not JSON: {exc}") from None
     try:
-        with _sessions().begin() as s:
+        with _session().begin() as s:
             _workspace(s, workspace_id)
             body = plans.to_dict(s, plans.create_plan(s, workspace_id, {"id": plan_id, "name": name or plan_id,
                                                                          "features": items}))
@@ -72,7 +65,7 @@ def plan_list(workspace_id: int, as_json: bool) -> None:
     """List plans and their features."""
     from kana.domain import plans
 
-    with _sessions().begin() as s:
+    with _session().begin() as s:
         rows = [plans.to_dict(s, p) for p in plans.list_plans(s, workspace_id)]
     if as_json:
         click.echo(json.dumps(rows))
@@ -100,7 +93,7 @@ def plan_assign(workspace_id: int, user_id: str | None, kana_id: int | None, pla
     if (plan_id is None) != remove:
         raise click.UsageError("give a PLAN_ID, or --none")
     try:
-        with _sessions().begin() as s:
+        with _session().begin() as s:
             _workspace(s, workspace_id)
             if user_id is not None:
                 found = identity.find_user(s, workspace_id, user_id)

@@ -415,8 +415,8 @@ def _after_commit(session: Session) -> None:
     dirty = session.info.pop(_DIRTY, None)
     counters = session.info.pop(_COUNTERS, None)
     deliveries = session.info.pop(_DELIVERIES, None)
-    if _redis is None:
-        return
+    if _redis is None or not (dirty or counters or deliveries):
+        return  # most commits: no Redis connection needed
     try:
         redis = _redis()
         pipe = redis.pipeline(transaction=False)
