@@ -106,6 +106,7 @@ def update_feature(
         feature.name = check_name(name)
     if type is not None:
         feature.type = check_type(type)
+        entitlements.touch(session, workspace_id)  # checks answer by the feature's type
     session.flush()
     return feature
 
