@@ -321,22 +321,23 @@ def after_usage(session: Session, workspace_id: int, pairs: Iterable[tuple[int, 
         return 0
     gen = _generation(workspace_id)
     totals: dict[tuple[int, str], Decimal] = {}
-    by_period: dict[str, list] = defaultdict(list)
+    groups: dict[tuple[str, str], list] = defaultdict(list)
     for row in rows:
-        by_period[row.PlanFeature.period].append(row)
-    for period, group in by_period.items():
+        groups[(row.PlanFeature.period, row.PlanFeature.feature_id)].append(row)
+    for (period, feature_id), group in groups.items():
         start, end = period_bounds(period, now)
-        stmt = select(Usage.kana_id, Usage.feature_id, func.sum(Usage.delta)).where(
-            Usage.workspace_id == workspace_id,
-            Usage.kana_id.in_(sorted({r.kana_id for r in group})),
-            Usage.feature_id.in_(sorted({r.PlanFeature.feature_id for r in group})),
-        ).group_by(Usage.kana_id, Usage.feature_id)
+        # Correlated per user, so each sum walks that user's rows of the period in
+        # ix_usage_user_feature_at, whatever the table's statistics say (an IN list
+        # let PostgreSQL scan the whole workspace's period instead).
+        summed = select(func.sum(Usage.delta)).where(
+            Usage.workspace_id == workspace_id, Usage.kana_id == User.kana_id, Usage.feature_id == feature_id)
         if start is not None:
-            stmt = stmt.where(Usage.at >= start, Usage.at < end)
-        sums = {(k, f): ledger.to_decimal(v) for k, f, v in session.execute(stmt)}
+            summed = summed.where(Usage.at >= start, Usage.at < end)
+        stmt = select(User.kana_id, summed.scalar_subquery()).where(
+            User.workspace_id == workspace_id, User.kana_id.in_(sorted({r.kana_id for r in group})))
+        sums = {k: ledger.to_decimal(v) for k, v in session.execute(stmt)}
         for row in group:
-            pair = (row.kana_id, row.PlanFeature.feature_id)
-            totals[pair] = sums.get(pair, Decimal(0))
+            totals[(row.kana_id, feature_id)] = sums.get(row.kana_id, Decimal(0))
     if gen is not None:
         counters = session.info.setdefault(_COUNTERS, [])
         for row in rows:
