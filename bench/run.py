@@ -288,6 +288,11 @@ def wrk_blast(url: str, path: str, key: str, bodies: list[str], *, connections: 
         ).stdout
     if "Non-2xx" in out:
         raise RuntimeError(f"wrk saw error responses from {path}:\n{out}")
+    return wrk_figures(out)
+
+
+def wrk_figures(out: str) -> dict:
+    """Requests/s and latency percentiles (ms) from ``wrk --latency`` output."""
 
     def percentile(label: str) -> float:
         match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
@@ -296,7 +301,8 @@ def wrk_blast(url: str, path: str, key: str, bodies: list[str], *, connections: 
 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     assert rps, out
-    return {"requests_per_s": float(rps.group(1)), "p50_ms": percentile("50"), "p99_ms": percentile("99")}
+    return {"requests_per_s": float(rps.group(1)), "p50_ms": percentile("50"), "p90_ms": percentile("90"),
+            "p99_ms": percentile("99")}
 
 
 def run_floors(settings, calls) -> dict:

@@ -51,6 +51,13 @@ class Settings:
     session_cookie_secure: bool = False
     # Worker and scheduler log level; `kana dev` sets WARNING unless --verbose.
     log_level: str = "INFO"
+    # Webhook URLs on loopback/private/link-local addresses are refused (SSRF)
+    # unless this is on; `make dev` turns it on for a receiver on localhost.
+    webhook_allow_private: bool = False
+    # Seconds a webhook receiver has to answer; a slower answer is a failed attempt.
+    webhook_timeout: float = 10.0
+    # How often the scheduler re-queues deliveries due for a (re)try.
+    webhook_sweep_interval: int = 10
 
 
 def _database_url(raw: str | None, data_dir: Path) -> str:
@@ -61,6 +68,10 @@ def _database_url(raw: str | None, data_dir: Path) -> str:
         if raw.startswith(prefix):
             return "postgresql+psycopg://" + raw[len(prefix):]
     return raw
+
+
+def _flag(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes", "on")
 
 
 def load(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -87,8 +98,11 @@ def load(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         chargebee_api_base=env.get("CHARGEBEE_API_BASE") or None,
         login_attempts=int(env.get("KANA_LOGIN_ATTEMPTS", 10)),
         login_window=int(env.get("KANA_LOGIN_WINDOW", 900)),
-        session_cookie_secure=env.get("SESSION_COOKIE_SECURE", "").lower() in ("1", "true", "yes", "on"),
+        session_cookie_secure=_flag(env.get("SESSION_COOKIE_SECURE")),
         log_level=(env.get("KANA_LOG_LEVEL") or "INFO").upper(),
+        webhook_allow_private=_flag(env.get("KANA_WEBHOOK_ALLOW_PRIVATE")),
+        webhook_timeout=float(env.get("KANA_WEBHOOK_TIMEOUT", 10)),
+        webhook_sweep_interval=int(env.get("KANA_WEBHOOK_SWEEP_INTERVAL", 10)),
     )
     settings = Settings(**values)
     if overrides:

@@ -3,7 +3,7 @@
 from rq import cron
 
 import config
-from jobs import flags, maintenance
+from jobs import flags, maintenance, webhooks
 
 settings = config.load()
 
@@ -12,3 +12,5 @@ cron.register(maintenance.recover, settings.queue_name, interval=settings.recove
 # Flag tables (users without a billing id, shared emails) rebuilt for every workspace (SPEC §6).
 cron.register(flags.refresh_all, settings.queue_name, interval=settings.flags_interval, name="flags-refresh",
               job_timeout=3600)
+# Webhook deliveries due for a retry (backoff) or left by a killed worker (SPEC §11).
+cron.register(webhooks.sweep, settings.queue_name, interval=settings.webhook_sweep_interval, name="webhooks-sweep")

@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 
 # record name → (fresh until, value); kept past that as the last answer.
 _cache: dict[str, tuple[float, Any]] = {}
+# Which key scopes each surface takes: a check key (held by a customer's backend)
+# answers entitlement checks and nothing else.
+ALLOWED = {"ingest": ("ingest", "admin"), "check": ("check", "admin"), "admin": ("admin",)}
+NEEDS = {"ingest": "sending calls needs an ingest or admin key",
+         "check": "entitlement checks need a check or admin key",
+         "admin": "the admin API needs an admin key"}
 _cache_lock = threading.Lock()
 _CACHE_MAX = 10_000
 
@@ -189,8 +195,8 @@ def authenticate(body: Any = None, scope: str = "ingest") -> Principal:
     principal = principal_for(key)
     if principal is None:
         raise ApiError(401, "unauthorized", "Unknown or revoked API key.")
-    if scope == "admin" and principal.scope != "admin":
-        raise ApiError(403, "forbidden", "This API key has the ingest scope; the admin API needs an admin key.")
+    if principal.scope not in ALLOWED[scope]:
+        raise ApiError(403, "forbidden", f"This API key has the {principal.scope} scope; {NEEDS[scope]}.")
     g.principal = principal
     return principal
 

@@ -71,7 +71,7 @@ class Amount(TypeDecorator):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[dict[str, Any]]: JSON}
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[dict[str, Any]]: JSON, list[int]: JSON}
 
 
 class Workspace(Base):
@@ -88,6 +88,9 @@ class Workspace(Base):
     segment_shared_secret: Mapped[str | None] = mapped_column(Text)
     # Keep context.ip of events (personal data: off unless the workspace opts in).
     keep_ip: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # Where usage alerts are POSTed (SPEC §11) and the secret that signs them.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_secret: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -100,7 +103,7 @@ class ApiKey(Base):
     # so a fast hash is enough) and a short prefix to recognise it by.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
-    scope: Mapped[str] = mapped_column(String(10))  # ingest | admin
+    scope: Mapped[str] = mapped_column(String(10))  # ingest | check | admin
     name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
@@ -130,6 +133,9 @@ class User(Base):
     # context.locale / context.timezone of the newest identify (SPEC §3).
     locale: Mapped[str | None] = mapped_column(String(100))
     timezone: Mapped[str | None] = mapped_column(String(100))
+    # The user's plan (SPEC §11); no foreign key: plans are keyed by (workspace, id)
+    # and kana.domain.plans checks the id on assignment.
+    plan_id: Mapped[str | None] = mapped_column(String(100))
     # Timestamp of the newest identify applied: older ones only fill blanks.
     traits_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -336,6 +342,77 @@ class DashboardAdmin(Base):
     password_hash: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None]
+
+
+class Plan(Base):
+    """A bundle of feature entitlements (SPEC §11); a user has at most one."""
+
+    __tablename__ = "plans"
+
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class PlanFeature(Base):
+    """One feature of a plan: its limit per period (consumable) or just presence (binary)."""
+
+    __tablename__ = "plan_features"
+    __table_args__ = (Index("ix_plan_features_feature", "workspace_id", "feature_id"),)
+
+    workspace_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    plan_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    feature_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # None: unlimited.
+    limit: Mapped[Decimal | None] = mapped_column(Amount)
+    period: Mapped[str] = mapped_column(String(10), default="month")  # month | day | none
+    overage: Mapped[bool] = mapped_column(default=False)
+    # Alert thresholds in percent of the limit, e.g. [80, 100].
+    thresholds: Mapped[list[int]] = mapped_column(JSON, default=list)
+
+
+class Alert(Base):
+    """A threshold crossing: at most one per (user, feature, threshold, period), whatever replays."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("workspace_id", "kana_id", "feature_id", "threshold", "period_start",
+                         name="uq_alerts_crossing"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(BigId)
+    # No foreign key: an alert outlives a user deleted later (its delivery still goes out).
+    kana_id: Mapped[int] = mapped_column(BigInteger)
+    feature_id: Mapped[str] = mapped_column(String(100))
+    threshold: Mapped[int] = mapped_column(Integer)
+    # Lifetime ("none") periods use the epoch, so the key is never NULL.
+    period_start: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One webhook to send (or sent): payload, attempts and when to try next."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+                      Index("ix_webhook_deliveries_workspace", "workspace_id", "id"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(ForeignKey("workspaces.id"))
+    alert_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    type: Mapped[str] = mapped_column(String(50))
+    idempotency_key: Mapped[str] = mapped_column(String(100), unique=True)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
 
 
 # The dashboard's events-per-hour chart reads a workspace's recent events by

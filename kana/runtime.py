@@ -10,12 +10,15 @@ from rq import Queue
 
 from config import Settings
 from kana import broker, db
+from kana.domain import entitlements, webhooks
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         db.configure(settings.database_url)
+        # After each commit: entitlement cache writes and webhook deliveries queued.
+        entitlements.install(db.SessionLocal, lambda: self.redis, lambda ids: webhooks.enqueue(self.queue, ids))
 
     @cached_property
     def redis(self) -> Redis:

@@ -67,6 +67,7 @@ class UserOut(Schema):
     source = fields.String(required=True, metadata={"enum": ["segment", "stripe", "chargebee", "csv", "api"]})
     group_id = _nullable_str()
     group_name = _nullable_str()
+    plan_id = _nullable_str(metadata={"description": "the user's plan (PUT /api/v1/users/{kana_id}/plan)"})
     created_at = Time(required=True)
     updated_at = Time(required=True)
 

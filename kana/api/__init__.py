@@ -8,7 +8,23 @@ from __future__ import annotations
 
 from flask import Flask
 
-from kana.api import common, events, features, flags, imports, jobs, keys, openapi, rules, usage, users, workspace
+from kana.api import (
+    common,
+    entitlements,
+    events,
+    features,
+    flags,
+    imports,
+    jobs,
+    keys,
+    openapi,
+    plans,
+    rules,
+    usage,
+    users,
+    webhook,
+    workspace,
+)
 
 RESOURCES = (users, usage, features, rules, events, imports, flags, jobs, workspace, keys, openapi)
 
@@ -17,3 +33,5 @@ def init_app(app: Flask) -> None:
     """Register the API's routes (every resource module adds its own to ``common.bp``) and its JSON errors."""
     common.register_errors(app)
     app.register_blueprint(common.bp)
+    for extra in (plans, entitlements, webhook):
+        app.register_blueprint(extra.bp)

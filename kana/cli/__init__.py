@@ -25,8 +25,10 @@ def _settings() -> config.Settings:
 
 def _session():  # noqa: ANN202
     from kana import db
+    from kana.runtime import Runtime
 
-    db.configure(_settings().database_url)
+    # A Runtime, not just the engine: merges and deletes must reach the entitlement cache after commit.
+    Runtime(_settings())
     return db.SessionLocal
 
 
@@ -162,7 +164,7 @@ def key() -> None:
 
 @key.command("create")
 @click.option("--workspace", "workspace_id", type=int, required=True)
-@click.option("--scope", type=click.Choice(["ingest", "admin"]), default="ingest", show_default=True)
+@click.option("--scope", type=click.Choice(["ingest", "check", "admin"]), default="ingest", show_default=True)
 @click.option("--name", default=None)
 @click.option("--json", "as_json", is_flag=True)
 def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -> None:
@@ -173,7 +175,8 @@ def key_create(workspace_id: int, scope: str, name: str | None, as_json: bool) -
         _require_workspace(s, workspace_id)
     created = keys.create(workspace_id, scope, name)
     if as_json:
-        click.echo(json.dumps({"id": created["id"], "scope": scope, "api_key": created["api_key"]}))
+        click.echo(json.dumps({"key_id": created["id"], "id": created["id"], "scope": scope,
+                               "api_key": created["api_key"]}))
     else:
         click.echo(f"key {created['id']} ({scope}): {created['api_key']}")
 
@@ -647,3 +650,6 @@ def admin_list(workspace_id: int) -> None:
         for row in rows:
             last = row.last_login_at.isoformat() if row.last_login_at else "never"
             click.echo(f"{row.id}\t{row.email}\tlast login {last}")
+
+
+from kana.cli import plans as _plans  # noqa: E402,F401 - registers `kana plan …` and `kana webhook set`

@@ -35,6 +35,7 @@ def init_app(app: Flask) -> None:
     import kana.dashboard.mapping
     import kana.dashboard.ops
     import kana.dashboard.overview
+    import kana.dashboard.plans
     import kana.dashboard.users  # noqa: F401
     from kana.dashboard import rq_mount
     from kana.dashboard.common import bp, csrf

@@ -188,7 +188,7 @@ def create_key() -> ResponseReturnValue:
     scope = request.form.get("scope", "")
     name = request.form.get("name", "").strip()[:200] or None
     if scope not in keys.SCOPES:
-        notice("Choose the key's scope: ingest or admin.", "error")
+        notice("Choose the key's scope: ingest, check or admin.", "error")
         return redirect(url_for("dashboard.api_keys"))
     if name and "\x00" in name:
         abort(400, description="The name must not contain NUL characters.")

@@ -8,9 +8,9 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kana.domain import rules
+from kana.domain import entitlements, rules
 from kana.errors import Conflict, KanaError, NotFound
-from kana.models import Event, Feature, Usage
+from kana.models import Event, Feature, PlanFeature, Usage
 
 # What ``properties.featureId`` names: lower-case, URL- and CSV-safe.
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,99}")
@@ -41,7 +41,7 @@ class FeatureNotFound(NotFound, LookupError):
 
 
 class FeatureInUse(Conflict, ValueError):
-    """The feature has recorded usage; deleting it needs ``force``."""
+    """The feature has recorded usage or is in a plan; deleting it needs ``force``."""
 
 
 MAX_NAME = 200
@@ -113,6 +113,7 @@ def update_feature(
         feature.name = check_name(name)
     if type is not None:
         feature.type = check_type(type)
+        entitlements.touch(session, workspace_id)  # checks answer by the feature's type
     session.flush()
     return feature
 
@@ -129,7 +130,8 @@ def delete_feature(session: Session, workspace_id: int, feature_id: str, *, forc
 
     The usage ledger is what billing runs on, so a feature with recorded usage
     is only deleted with ``force``: its usage rows go, and their events become
-    unmapped again (a feature re-created later can pick them up).
+    unmapped again (a feature re-created later can pick them up). A feature in
+    a plan likewise needs ``force``, which takes it out of the plans.
     """
     # In-flight chunks that record usage of this feature commit first; usage rows
     # have no foreign key to features, so none may land after the delete.
@@ -140,6 +142,15 @@ def delete_feature(session: Session, workspace_id: int, feature_id: str, *, forc
     used = usage_count(session, workspace_id, feature_id)
     if used and not force:
         raise FeatureInUse(f"feature {feature_id!r} has {used} usage records; delete with force to remove them too")
+    plans = list(session.scalars(select(PlanFeature.plan_id).where(
+        PlanFeature.workspace_id == workspace_id, PlanFeature.feature_id == feature_id).order_by(PlanFeature.plan_id)))
+    if plans and not force:
+        raise FeatureInUse(f"feature {feature_id!r} is in plan(s) {', '.join(plans)}; delete with force to remove "
+                           "it from them too")
+    if plans:
+        session.execute(delete(PlanFeature).where(PlanFeature.workspace_id == workspace_id,
+                                                  PlanFeature.feature_id == feature_id))
+        entitlements.touch(session, workspace_id)
     if used:
         event_ids = select(Usage.event_id).where(Usage.workspace_id == workspace_id, Usage.feature_id == feature_id)
         session.execute(
@@ -153,5 +164,6 @@ def delete_feature(session: Session, workspace_id: int, feature_id: str, *, forc
             .where(Usage.workspace_id == workspace_id, Usage.feature_id == feature_id)
             .execution_options(synchronize_session=False)
         )
+        entitlements.touch(session, workspace_id)
     session.delete(feature)
     session.flush()

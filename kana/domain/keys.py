@@ -17,7 +17,7 @@ from kana.models import ApiKey, Workspace, utcnow
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("ingest", "admin")
+SCOPES = ("ingest", "check", "admin")
 # Every key this installation issues starts with it (``kana_i_…`` ingest, ``kana_a_…`` admin).
 KEY_PREFIX = "kana_"
 # A record in Redis (below) outlives its last database lookup this long.

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from kana import db
-from kana.domain import identity, rules, usage
+from kana.domain import entitlements, identity, rules, usage
 from kana.domain.billing import provider_of
 from kana.errors import KanaError
 from kana.ingest import spool
@@ -93,6 +93,9 @@ class _Workspace:
         self.directory = identity.Directory(session, row.id)
         self.directory.preload(user_ids)
         self.directory.preload_unclaimed(emails)
+        # Ledger rows this chunk adds: their (user, feature) totals go to the
+        # entitlement cache and are checked against alert thresholds.
+        self.recorded: list = []
 
     def store(
         self,
@@ -139,7 +142,9 @@ class _Workspace:
             name = call.get("event") if kind == "track" else call.get("name")
             event = self.store(call, user, name=name, properties=properties, status="unmapped")
             mapping = usage.map_event(kind, properties, self.features, self.rules, name)
-            usage.record(self.session, event, mapping)
+            row = usage.record(self.session, event, mapping)
+            if row is not None:
+                self.recorded.append(row)
         elif kind == "group":
             user = directory.get_or_create(call["userId"])
             traits = call.get("traits") or {}
@@ -194,6 +199,7 @@ def apply(session: Session, calls: list[dict]) -> Outcome:
                 outcome.applied += 1
         db.assign_ids(session)
         session.flush()
+        entitlements.after_usage(session, ws_id, {(row.kana_id, row.feature_id) for row in context.recorded})
     return outcome
 
 
