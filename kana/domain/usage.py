@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kana.domain.rules import NO_RULE_MATCHED, CompiledRule, match
-from kana.models import Event, Feature, Usage
+from kana.models import Feature
 
 MAPPABLE = ("track", "page", "screen")
 
@@ -62,19 +62,8 @@ def load_features(session: Session, workspace_id: int) -> dict[str, Feature]:
     return {f.id: f for f in session.scalars(select(Feature).where(Feature.workspace_id == workspace_id))}
 
 
-def record(session: Session, event: Event, mapping: Mapping) -> Usage | None:
-    """Mark the event mapped or unmapped; add its ledger row when it maps."""
+def status_of(mapping: Mapping) -> dict:
+    """The event columns saying where its usage went (status, reason, feature_id)."""
     if mapping.feature_id is None:
-        event.status, event.reason, event.feature_id = "unmapped", mapping.reason, None
-        return None
-    event.status, event.reason, event.feature_id = "mapped", None, mapping.feature_id
-    row = Usage(
-        workspace_id=event.workspace_id,
-        user=event.user,
-        feature_id=mapping.feature_id,
-        delta=mapping.delta,
-        at=event.timestamp,
-        event=event,
-    )
-    session.add(row)
-    return row
+        return {"status": "unmapped", "reason": mapping.reason, "feature_id": None}
+    return {"status": "mapped", "reason": None, "feature_id": mapping.feature_id}

@@ -4,6 +4,12 @@
 one transaction (micro-batching), retried on lock races, and when a chunk keeps
 failing for a data reason, each call in its own savepoint so one poison call
 becomes a dead letter while the rest commit.
+
+A chunk's events go in first, with one ``INSERT … ON CONFLICT DO NOTHING
+RETURNING``: the unique key (workspace_id, message_id) decides which calls are
+new, whatever the planner thinks of the table, and only those calls change
+users, usage and entitlements. Usage rows follow in one multi-row insert, and
+events whose user was not known up front get their kana_id in one executemany.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from redis import Redis
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -25,7 +32,7 @@ from kana.domain import entitlements, identity, rules, usage
 from kana.domain.billing import provider_of
 from kana.errors import KanaError
 from kana.ingest import spool
-from kana.models import DeadLetter, Event, User, Workspace
+from kana.models import DeadLetter, Event, Usage, User, Workspace, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,40 @@ def traits_of(traits: dict, billing_provider: str | None, context: dict | None =
     )
 
 
+EVENTS = Event.__table__
+USAGE = Usage.__table__
+# Events inserted per statement: enough to amortise a round trip, few enough
+# parameters per statement for the driver to handle quickly.
+PAGE = 250
+
+
+def insert_new(session: Session, table, index: list[str], rows: list[dict], returning: list):  # noqa: ANN001
+    """Insert ``rows`` skipping those the unique ``index`` already holds; returns the inserted ones.
+
+    The unique key decides (no lookup first): a concurrent transaction holding
+    the same key makes this wait for its outcome instead of inserting twice.
+    """
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    stmt = module.insert(table).on_conflict_do_nothing(index_elements=index).returning(*returning)
+    found = []
+    for i in range(0, len(rows), PAGE):
+        found.extend(session.execute(stmt, rows[i : i + PAGE]).all())
+    return found
+
+
+class _Directory(identity.Directory):
+    """The chunk's Directory: before users are merged away, the chunk's pending writes land."""
+
+    def __init__(self, session: Session, workspace_id: int, settle) -> None:  # noqa: ANN001
+        super().__init__(session, workspace_id)
+        self._settle = settle
+
+    def merge(self, users: list[User], **kwargs) -> User:  # noqa: ANN003
+        self._settle()
+        return super().merge(users, **kwargs)
+
+
 class _Workspace:
     """What applying one workspace's calls needs, loaded once per chunk."""
 
@@ -90,41 +131,61 @@ class _Workspace:
         rules.hold_mapping(session, row.id)
         self.features = usage.load_features(session, row.id)
         self.rules = rules.load_rules(session, row.id)
-        self.directory = identity.Directory(session, row.id)
+        self.directory = _Directory(session, row.id, self.settle)
         self.directory.preload(user_ids)
         self.directory.preload_unclaimed(emails)
-        # Ledger rows this chunk adds: their (user, feature) totals go to the
-        # entitlement cache and are checked against alert thresholds.
-        self.recorded: list = []
+        # (kana_id, feature_id) of the ledger rows this chunk adds: their totals
+        # go to the entitlement cache and are checked against alert thresholds.
+        self.recorded: set[tuple[int, str]] = set()
+        # Writes waiting for users' kana_ids: (event id, user) and usage rows (with their user).
+        self._kana: list[tuple[int, User]] = []
+        self._usage: list[tuple[dict, User]] = []
 
-    def store(
-        self,
-        call: dict,
-        user: User | None,
-        *,
-        name: str | None = None,
-        properties: dict | None = None,
-        status: str = "processed",
-        user_id: str | None = None,
-    ) -> Event:
-        event = Event(
-            workspace_id=self.row.id,
-            message_id=call["messageId"],
-            type=call["type"],
-            name=name,
-            user_id=call["userId"] if user_id is None else user_id,
-            user=user,
-            timestamp=parse_time(call.get("timestamp")),
-            received_at=parse_time(call.get("receivedAt")),
-            properties=properties if properties is not None else {},
-            context=call.get("context"),
-            timestamps=call.get("timestamps"),
-            status=status,
-        )
-        self.session.add(event)
-        return event
+    def event_row(self, call: dict, kana_id: int | None) -> dict:
+        """The events row of a call, as far as it is known before the call is applied."""
+        kind = call["type"]
+        row = {
+            "workspace_id": self.row.id, "message_id": call["messageId"], "type": kind, "name": None,
+            "user_id": call["userId"], "kana_id": kana_id, "timestamp": parse_time(call.get("timestamp")),
+            "received_at": parse_time(call.get("receivedAt")), "properties": {}, "context": call.get("context"),
+            "timestamps": call.get("timestamps"), "status": "processed", "reason": None, "feature_id": None,
+            "processed_at": utcnow(),
+        }
+        if kind == "identify":
+            row["properties"] = call.get("traits") or {}
+        elif kind in usage.MAPPABLE:
+            properties = call.get("properties") or {}
+            name = call.get("event") if kind == "track" else call.get("name")
+            mapping = usage.map_event(kind, properties, self.features, self.rules, name)
+            row.update(name=name, properties=properties, **usage.status_of(mapping))
+            row["mapping"] = mapping
+        elif kind == "group":
+            row.update(name=str(call["groupId"]), properties=call.get("traits") or {})
+        elif kind == "alias":
+            row.update(name=call["previousId"], properties={"previousId": call["previousId"]})
+        elif kind == "delete":
+            # Stored without the user id or context (PII-free) so a redelivery is still a duplicate.
+            row.update(user_id="", context=None)
+        else:
+            raise ValueError(f"unsupported call type {kind!r}")
+        return row
 
-    def apply(self, call: dict) -> None:
+    def insert_events(self, calls: list[dict]) -> list[tuple[dict, dict, int]]:
+        """Insert the calls' events; returns (call, row, event id) of those new to the workspace, in order."""
+        rows = []
+        known = True  # until a delete: later calls' users may be deleted before they apply
+        for call in calls:
+            if call["type"] == "delete":
+                known = False
+            user = self.directory.find(call["userId"]) if known and call["type"] not in ("alias", "delete") else None
+            rows.append(self.event_row(call, user.kana_id if user is not None else None))
+        columns = [{k: v for k, v in row.items() if k != "mapping"} for row in rows]
+        ids = dict(insert_new(self.session, EVENTS, ["workspace_id", "message_id"], columns,
+                              [EVENTS.c.message_id, EVENTS.c.id]))
+        return [(call, row, ids[call["messageId"]]) for call, row in zip(calls, rows, strict=True)
+                if call["messageId"] in ids]
+
+    def apply(self, call: dict, row: dict, event_id: int) -> None:
         kind = call["type"]
         directory = self.directory
         if kind == "identify":
@@ -133,34 +194,46 @@ class _Workspace:
                 directory,
                 call["userId"],
                 traits_of(traits, self.row.billing_provider, call.get("context")),
-                parse_time(call.get("timestamp")),
+                row["timestamp"],
             )
-            self.store(call, user, properties=traits)
         elif kind in usage.MAPPABLE:
             user = directory.get_or_create(call["userId"])
-            properties = call.get("properties") or {}
-            name = call.get("event") if kind == "track" else call.get("name")
-            event = self.store(call, user, name=name, properties=properties, status="unmapped")
-            mapping = usage.map_event(kind, properties, self.features, self.rules, name)
-            row = usage.record(self.session, event, mapping)
-            if row is not None:
-                self.recorded.append(row)
+            mapping = row["mapping"]
+            if mapping.feature_id is not None:
+                self._usage.append(({"workspace_id": self.row.id, "feature_id": mapping.feature_id,
+                                     "delta": mapping.delta, "at": row["timestamp"], "event_id": event_id,
+                                     "created_at": row["processed_at"]}, user))
         elif kind == "group":
             user = directory.get_or_create(call["userId"])
             traits = call.get("traits") or {}
-            user.group_id = str(call["groupId"])
+            user.group_id = row["name"]
             if traits.get("name") is not None:
                 user.group_name = str(traits["name"])
-            self.store(call, user, name=user.group_id, properties=traits)
         elif kind == "alias":
-            user = identity.alias(directory, call["previousId"], call["userId"], at=parse_time(call.get("timestamp")))
-            self.store(call, user, name=call["previousId"], properties={"previousId": call["previousId"]})
-        elif kind == "delete":
+            user = identity.alias(directory, call["previousId"], call["userId"], at=row["timestamp"])
+        else:  # delete
+            self.settle()
             identity.gdpr_delete(directory, call["userId"])
-            # Stored without the user id or context (PII-free) so a redelivery is still a duplicate.
-            self.store({**call, "context": None}, None, user_id="")
-        else:
-            raise ValueError(f"unsupported call type {kind!r}")
+            user = None
+        if user is not None and (user.kana_id is None or user.kana_id != row["kana_id"]):
+            self._kana.append((event_id, user))
+
+    def settle(self) -> None:
+        """Write what waited for kana_ids: new users, then events' kana_ids and usage rows."""
+        if not (self._kana or self._usage):
+            return
+        db.assign_ids(self.session)
+        self.session.flush()
+        if self._kana:
+            self.session.execute(
+                update(EVENTS).where(EVENTS.c.id == bindparam("event_id")).values(kana_id=bindparam("kana")),
+                [{"event_id": event_id, "kana": user.kana_id} for event_id, user in self._kana],
+            )
+        if self._usage:
+            rows = [{**row, "kana_id": user.kana_id} for row, user in self._usage]
+            self.session.execute(insert(USAGE), rows)
+            self.recorded.update((r["kana_id"], r["feature_id"]) for r in rows)
+        self._kana, self._usage = [], []
 
 
 def apply(session: Session, calls: list[dict]) -> Outcome:
@@ -175,31 +248,25 @@ def apply(session: Session, calls: list[dict]) -> Outcome:
             log.warning("dropping %d calls of deleted workspace %s", len(ws_calls), ws_id)
             outcome.dropped += len(ws_calls)
             continue
-        ids = sorted({c["messageId"] for c in ws_calls})
-        seen: set[str] = set()
-        for i in range(0, len(ids), 500):
-            seen.update(
-                session.scalars(
-                    select(Event.message_id).where(Event.workspace_id == ws_id, Event.message_id.in_(ids[i : i + 500]))
-                )
-            )
-        user_ids = [c["userId"] for c in ws_calls] + [c["previousId"] for c in ws_calls if c.get("previousId")]
-        emails = [c["traits"]["email"] for c in ws_calls if c["type"] == "identify" and isinstance(
+        firsts: dict[str, dict] = {}
+        for call in ws_calls:
+            firsts.setdefault(call["messageId"], call)
+        unique = list(firsts.values())
+        user_ids = [c["userId"] for c in unique] + [c["previousId"] for c in unique if c.get("previousId")]
+        emails = [c["traits"]["email"] for c in unique if c["type"] == "identify" and isinstance(
             (c.get("traits") or {}).get("email"), str)]
-        # One flush at the end inserts the chunk's users, events and usage in
-        # batches; identity code flushes explicitly where it must (merges).
+        # Users are flushed together by ``settle``; identity code flushes
+        # explicitly where it must (merges).
         with session.no_autoflush:
             context = _Workspace(session, row, user_ids, emails)
-            for call in ws_calls:
-                if call["messageId"] in seen:
-                    outcome.duplicates += 1
-                    continue
-                seen.add(call["messageId"])
-                context.apply(call)
-                outcome.applied += 1
-        db.assign_ids(session)
+            fresh = context.insert_events(unique)
+            for call, event, event_id in fresh:
+                context.apply(call, event, event_id)
+            context.settle()
         session.flush()
-        entitlements.after_usage(session, ws_id, {(row.kana_id, row.feature_id) for row in context.recorded})
+        outcome.applied += len(fresh)
+        outcome.duplicates += len(ws_calls) - len(fresh)
+        entitlements.after_usage(session, ws_id, context.recorded)
     return outcome
 
 
