@@ -1,14 +1,27 @@
-"""End-to-end benchmark: the real stack (gunicorn, RQ workers, PostgreSQL, Redis).
+"""End-to-end benchmark: the real stack (the Procfile's web process, RQ workers, PostgreSQL, Redis).
 
-    python -m bench.run [--events 20000] [--workers 2] [--reps 3] [--users 10000]
+    python -m bench.run [--events 20000] [--workers 2] [--reps 3] [--users 2000] [--code DIR]
 
-Needs DATABASE_URL and REDIS_URL (PostgreSQL and Redis; the database is
-migrated and a fresh workspace is used per repetition). Prints a summary and
-writes a JSON report to bench/results/. It measures, side by side in one run:
+Needs DATABASE_URL and REDIS_URL (PostgreSQL and Redis). A database whose name
+starts with "bench" is emptied and migrated first (a fresh installation: its
+tables grow during the run with stale planner statistics). Each repetition
+uses a new workspace whose ``--users`` users exist before the clock starts
+(steady state) and the mixed workload (identify 15%, track with featureId 70%,
+unmapped track 10%, page 5%) sent as 100-call /v1/batch requests by
+``--senders`` concurrent connections. Measured, per worker count, medians of
+``--reps`` repetitions, each next to the PostgreSQL 500-row insert floor of the
+same repetition:
 
-* ingest: events/s accepted through /v1/batch (100 calls per request);
-* end to end: events/s from the first request until nothing is pending;
-* naive: the same calls as one RQ job + one commit each, same worker count.
+* backlog: every call queued first (no worker running), then the workers
+  started; events/s from the first worker ready until every event is stored;
+* live: the workers running, calls sent; events/s from the first request until
+  every event is stored (end to end, receiver on the same cores);
+* with ``--receiver`` / ``--naive``: the receiver alone (wrk when installed)
+  and the naive one-job-per-call design.
+
+``--code DIR`` runs the web and worker processes of another checkout (e.g. a
+worktree of main) for a before/after comparison in one session.
+Prints a summary and writes a JSON report to bench/results/.
 """
 
 from __future__ import annotations
@@ -32,8 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
-from rq import Queue
-from sqlalchemy import func, select
+from rq import Queue, Worker
+from sqlalchemy import func, insert, select
 
 import config
 from bench import RESULTS, write_report
@@ -41,7 +54,7 @@ from kana import db, migrate
 from kana.broker import connect
 from kana.domain import keys
 from kana.ingest import spool
-from kana.models import Event, Feature
+from kana.models import Event, Feature, User
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,45 +88,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def procfile(code: Path, name: str) -> str:
+    for line in (code / "Procfile").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    raise LookupError(f"no {name} process in {code / 'Procfile'}")
+
+
 class Stack:
-    def __init__(self, env: dict[str, str], workers: int, web: bool = True) -> None:
-        self.env = env
-        self.web = web
+    """The web process exactly as the Procfile runs it, and ``python worker.py`` workers, from ``code``."""
+
+    def __init__(self, env: dict[str, str], workers: int, web: bool = True, code: Path = ROOT) -> None:
+        self.code = code
         self.port = free_port()
-        self.procs: list[subprocess.Popen] = []
-        py = sys.executable
+        self.tmp = tempfile.mkdtemp(prefix="kana-bench-")
+        # The checkout measured comes first on the path; the venv's tools (gunicorn) are on PATH.
+        self.env = dict(env, PYTHONPATH=str(code), PORT=str(self.port),
+                        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+                        PROMETHEUS_MULTIPROC_DIR=str(Path(self.tmp, "prometheus")),
+                        # gunicorn keeps a control socket under $HOME: one per stack, not shared.
+                        HOME=self.tmp)
+        self.web: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
         if web:
-            self.procs.append(subprocess.Popen(
-                [py, "-m", "gunicorn", "app:app", "--bind", f"127.0.0.1:{self.port}", "--workers", "2",
-                 "--threads", "4", "--log-level", "warning"], cwd=ROOT, env=env))
-        for _ in range(workers):
-            self.procs.append(subprocess.Popen([py, "worker.py"], cwd=ROOT, env=env,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        if web:
-            deadline = time.monotonic() + 30
+            self.web = subprocess.Popen(["bash", "-c", procfile(code, "web")], cwd=code, env=self.env,
+                                        start_new_session=True)
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 try:
                     if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                         break
                 except requests.RequestException:
                     time.sleep(0.2)
+        self.start_workers(workers)
+
+    def start_workers(self, n: int) -> None:
+        command = procfile(self.code, "worker").split()
+        command[0] = sys.executable if command[0] == "python" else command[0]
+        for _ in range(n):
+            self.workers.append(subprocess.Popen(command, cwd=self.code, env=self.env,
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     @property
     def worker_pids(self) -> list[int]:
-        return [p.pid for p in self.procs[1 if self.web else 0:]]
+        return [p.pid for p in self.workers]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        for p in self.procs:
+        procs = self.workers + ([self.web] if self.web else [])
+        for p in self.workers:
             p.terminate()
-        for p in self.procs:
+        if self.web is not None:
+            os.killpg(self.web.pid, 15)  # gunicorn's master and its workers
+        for p in procs:
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def new_workspace() -> tuple[int, str]:
@@ -128,39 +163,87 @@ def stored(ws_id: int) -> int:
         return s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws_id))
 
 
-def run_ours(settings, env, calls, workers: int) -> dict:
+def steady_users(ws_id: int, users: int) -> None:
+    """The workload's users, existing before the clock starts (with the emails its identify calls send)."""
+    now = datetime.now(UTC)
+    rows = [{"workspace_id": ws_id, "user_id": f"user-{i}", "email": f"user-{i}@example.com",
+             "email_key": f"user-{i}@example.com", "name": f"User-{i}", "source": "segment",
+             "created_at": now, "updated_at": now} for i in range(users)]
+    with db.SessionLocal.begin() as s:
+        s.execute(insert(User), rows)
+
+
+def send_all(url: str, key: str, calls: list[dict], senders: int) -> list[float]:
+    """POST the calls as 100-call /v1/batch requests over ``senders`` connections; each request's latency."""
+    bodies = [json.dumps({"batch": calls[i : i + 100]}) for i in range(0, len(calls), 100)]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    def sender(part: list[str]) -> list[float]:
+        session = requests.Session()
+        out = []
+        for body in part:
+            t = time.perf_counter()
+            session.post(f"{url}/v1/batch", data=body, headers=headers, timeout=60).raise_for_status()
+            out.append(time.perf_counter() - t)
+        return out
+
+    with cf.ThreadPoolExecutor(senders) as pool:
+        return [x for part in pool.map(sender, [bodies[i::senders] for i in range(senders)]) for x in part]
+
+
+def wait_stored(redis, settings, ws_id: int, n: int, timeout: float = 900) -> None:
+    # Redis first: counting a big events table every poll would load the very
+    # PostgreSQL being measured. Depth 0 means every call committed.
+    deadline = time.monotonic() + timeout
+    while spool.depth(redis, settings.partitions) or stored(ws_id) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{stored(ws_id)} of {n} events stored after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def workers_ready(redis, n: int) -> None:
+    """Until the first of the workers has registered (it takes jobs right after)."""
+    deadline = time.monotonic() + 60
+    while Worker.count(connection=redis) < 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError("no worker registered within 60 s")
+        time.sleep(0.005)
+
+
+def run_drain(settings, env, calls, workers: int, *, mode: str, users: int, senders: int,
+              code: Path = ROOT) -> dict:
+    """``backlog``: queue every call, then start the workers; ``live``: send while they run."""
     redis = connect(settings)
     redis.flushdb()
     ws_id, key = new_workspace()
-    stack = Stack(env, workers)
+    steady_users(ws_id, users)
+    calls = [dict(c, messageId=f"{c['messageId']}-{ws_id}") for c in calls]
+    stack = Stack(env, 0 if mode == "backlog" else workers, code=code)
     try:
-        batches = [calls[i : i + 100] for i in range(0, len(calls), 100)]
-        session = requests.Session()
-        headers = {"Authorization": f"Bearer {key}"}
-
-        def send(batch: list[dict]) -> float:
+        sampler = RssSampler(stack)
+        if mode == "backlog":
             t = time.perf_counter()
-            r = session.post(f"{stack.url}/v1/batch", json={"batch": batch}, headers=headers, timeout=30)
-            r.raise_for_status()
-            return time.perf_counter() - t
-
-        sampler = RssSampler(stack.worker_pids)
+            latencies = send_all(stack.url, key, calls, senders)
+            ingest = len(calls) / (time.perf_counter() - t)
+            stack.start_workers(workers)
+            workers_ready(redis, workers)
+        else:
+            workers_ready(redis, workers)
+            time.sleep(1.0)  # every worker up, not only the first
         sampler.start()
         start = time.perf_counter()
-        with cf.ThreadPoolExecutor(4) as pool:
-            latencies = list(pool.map(send, batches))
-        ingest = time.perf_counter() - start
-        # Redis first: counting a big events table every poll would load the
-        # very PostgreSQL being measured. Depth 0 means every call committed.
-        while spool.depth(redis, settings.partitions) or stored(ws_id) < len(calls):
-            time.sleep(0.05)
+        if mode == "live":
+            latencies = send_all(stack.url, key, calls, senders)
+            ingest = len(calls) / (time.perf_counter() - start)
+        wait_stored(redis, settings, ws_id, len(calls))
         total = time.perf_counter() - start
         sampler.stop()
     finally:
         stack.stop()
-    return {"ingest_events_per_s": len(calls) / ingest, "e2e_events_per_s": len(calls) / total,
-            "batch_p50_ms": statistics.median(latencies) * 1000,
-            "batch_p99_ms": sorted(latencies)[int(len(latencies) * 0.99) - 1] * 1000,
+    latencies.sort()
+    return {"events_per_s": len(calls) / total, "ingest_events_per_s": ingest,
+            "batch_p50_ms": latencies[len(latencies) // 2] * 1000,
+            "batch_p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
             "worker_rss_mb": sampler.summary()}
 
 
@@ -177,15 +260,15 @@ def rss_mb(pid: int) -> float | None:
 class RssSampler(threading.Thread):
     """Samples each worker's resident memory twice a second during a run."""
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, stack: Stack) -> None:
         super().__init__(daemon=True)
-        self.pids = pids
+        self.stack = stack
         self.samples: list[float] = []  # the largest worker's RSS at each tick
         self._halt = threading.Event()
 
     def run(self) -> None:
         while not self._halt.wait(0.5):
-            values = [v for v in map(rss_mb, self.pids) if v is not None]
+            values = [v for v in map(rss_mb, self.stack.worker_pids) if v is not None]
             if values:
                 self.samples.append(max(values))
 
@@ -365,15 +448,35 @@ def medians(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, int | float)}
 
 
+def fresh_database(url: str) -> None:
+    """Empty a benchmark database ("bench…" only) and migrate it: tables start empty, statistics go stale."""
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database or ""
+    if not name.startswith("bench"):
+        raise SystemExit(f"--fresh empties the database: refusing {name!r} (its name must start with 'bench')")
+    with db.get_engine().begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA public")
+    db.get_engine().dispose()
+    migrate.upgrade(url)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=20000)
-    ap.add_argument("--naive-events", type=int, default=None, help="calls for the naive run (default: --events)")
     ap.add_argument("--workers", type=int, nargs="+", default=[2])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--users", type=int, default=10000)
+    ap.add_argument("--users", type=int, default=2000, help="users created before the clock starts")
+    ap.add_argument("--senders", type=int, default=8, help="concurrent /v1/batch connections")
+    ap.add_argument("--modes", nargs="+", default=["backlog", "live"], choices=["backlog", "live"])
+    ap.add_argument("--code", type=Path, default=ROOT, help="checkout whose web and worker processes run")
+    ap.add_argument("--no-fresh", dest="fresh", action="store_false",
+                    help="keep the database's tables (default: empty a bench* database first)")
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--receiver", action="store_true", help="also measure the receiver alone")
+    ap.add_argument("--naive", action="store_true", help="also measure one RQ job per call")
+    ap.add_argument("--naive-events", type=int, default=None, help="calls for the naive run (default: --events)")
     ap.add_argument("--wrk-seconds", type=int, default=10, help="length of each wrk run (when wrk is installed)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds: tiny sizes, one repetition")
     args = ap.parse_args(argv)
@@ -384,51 +487,48 @@ def main(argv: list[str] | None = None) -> int:
     if settings.redis_url is None:
         print("set REDIS_URL (and DATABASE_URL) to the Redis and PostgreSQL to measure", file=sys.stderr)
         return 2
-    migrate.upgrade(settings.database_url)
     db.configure(settings.database_url)
+    if args.fresh:
+        fresh_database(settings.database_url)
+    else:
+        migrate.upgrade(settings.database_url)
+    code = args.code.resolve()
+    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     env = dict(os.environ, DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url,
                SECRET_KEY=settings.secret_key, KANA_KEY_CACHE_TTL="60")
     calls = workload(args.events, args.users)
-    naive_calls = calls[: args.naive_events or args.events]
     report: dict = {"when": datetime.now(UTC).isoformat(), "events": args.events, "users": args.users,
+                    "senders": args.senders, "code": str(code), "commit": commit, "fresh_database": args.fresh,
                     "database": settings.database_url.split("@")[-1], "runs": {}}
-    receiver, floors = [], []
-    for rep in range(args.reps):
-        receiver.append(run_receiver(settings, env, calls, args.wrk_seconds))
-        floors.append(run_floors(settings, calls))
-        print(f"rep={rep + 1}: receiver {receiver[-1]}, floors {floors[-1]}", flush=True)
-    report["receiver"] = {"runs": receiver, "median": medians(receiver), "client": receiver[0]["client"]}
-    report["floors"] = {"runs": floors, "median": medians(floors)}
-    report["receiver"]["ratio_batch_vs_redis_floor"] = (
-        report["receiver"]["median"]["batch_events_per_s"] / report["floors"]["median"]["redis_push_events_per_s"])
     for workers in args.workers:
-        ours, naive = [], []
-        for rep in range(args.reps):
-            ours.append(run_ours(settings, env, calls, workers))
-            if not args.skip_naive:
-                naive.append(run_naive(settings, env, naive_calls, workers))
-            print(f"workers={workers} rep={rep + 1}: ours e2e {ours[-1]['e2e_events_per_s']:.0f}/s "
-                  f"(ingest {ours[-1]['ingest_events_per_s']:.0f}/s)"
-                  + (f", naive {naive[-1]['e2e_events_per_s']:.0f}/s" if naive else ""), flush=True)
-        med = medians(ours)
-        med["worker_rss_mb_peak"] = max(r["worker_rss_mb"].get("peak", 0) for r in ours)
-        run = {"ours": ours, "median": med}
-        if naive:
-            naive_med = statistics.median(r["e2e_events_per_s"] for r in naive)
-            run.update(naive=naive, naive_median_e2e=naive_med, ratio_vs_naive=med["e2e_events_per_s"] / naive_med)
-        floor_pg = report["floors"]["median"]["postgres_insert_rows_per_s"]
-        run["ratio_vs_postgres_floor"] = med["e2e_events_per_s"] / floor_pg
-        report["runs"][str(workers)] = run
-        print(f"SUMMARY workers={workers}: e2e {med['e2e_events_per_s']:.0f} events/s"
-              + (f", naive {run['naive_median_e2e']:.0f} events/s, {run['ratio_vs_naive']:.1f}x naive" if naive
-                 else "")
-              + f", {run['ratio_vs_postgres_floor']:.2f}x the PostgreSQL insert floor"
-              + f", worker RSS peak {med['worker_rss_mb_peak']:.0f} MB")
-    rm = report["receiver"]["median"]
-    print(f"SUMMARY receiver: /v1/batch {rm['batch_events_per_s']:.0f} events/s; /segment "
-          f"{rm['segment_requests_per_s']:.0f} req/s, p50 {rm['segment_p50_ms']:.1f} ms, "
-          f"p99 {rm['segment_p99_ms']:.1f} ms ({report['receiver']['client']}); batch ingest "
-          f"{report['receiver']['ratio_batch_vs_redis_floor']:.2f}x the raw Redis push floor")
+        for mode in args.modes:
+            runs = []
+            for rep in range(args.reps):
+                run = run_drain(settings, env, calls, workers, mode=mode, users=args.users,
+                                senders=args.senders, code=code)
+                run["floor_rows_per_s"] = run_floors(settings, calls)["postgres_insert_rows_per_s"]
+                run["ratio_to_floor"] = run["events_per_s"] / run["floor_rows_per_s"]
+                runs.append(run)
+                print(f"workers={workers} {mode} rep={rep + 1}: {run['events_per_s']:.0f} events/s, floor "
+                      f"{run['floor_rows_per_s']:.0f} rows/s ({run['ratio_to_floor']:.1%}), sent at "
+                      f"{run['ingest_events_per_s']:.0f}/s, RSS {run['worker_rss_mb']}", flush=True)
+            med = medians(runs)
+            med["worker_rss_mb_peak"] = max(r["worker_rss_mb"].get("peak", 0) for r in runs)
+            report["runs"][f"{mode}-{workers}"] = {"mode": mode, "workers": workers, "runs": runs, "median": med}
+            print(f"SUMMARY {mode} workers={workers}: {med['events_per_s']:.0f} events/s, "
+                  f"{med['ratio_to_floor']:.1%} of the floor (median {med['floor_rows_per_s']:.0f} rows/s), "
+                  f"worker RSS peak {med['worker_rss_mb_peak']:.0f} MB", flush=True)
+    if args.receiver:
+        receiver = [run_receiver(settings, env, calls, args.wrk_seconds) for _ in range(args.reps)]
+        report["receiver"] = {"runs": receiver, "median": medians(receiver), "client": receiver[0]["client"]}
+        print(f"SUMMARY receiver: {report['receiver']['median']}")
+    if args.naive:
+        naive_calls = calls[: args.naive_events or args.events]
+        for workers in args.workers:
+            naive = [run_naive(settings, env, naive_calls, workers) for _ in range(args.reps)]
+            report["runs"][f"naive-{workers}"] = {"runs": naive, "median": medians(naive)}
+            print(f"SUMMARY naive workers={workers}: {medians(naive)}")
     write_report("bench", report, args.out)
     return 0
 
