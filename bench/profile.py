@@ -1,6 +1,6 @@
 """Where a worker's time goes: the benchmark's workload, drained in-process under cProfile.
 
-    python -m bench.profile [--events 20000] [--users 10000] [--top 25]
+    python -m bench.profile [--events 20000] [--users 2000] [--top 25]
 
 Needs DATABASE_URL and REDIS_URL (PostgreSQL and Redis, as for bench.run). The
 calls go through the real receiver (Flask test client) into Redis, then every
@@ -22,7 +22,7 @@ import config
 import jobs
 from app import create_app
 from bench import RESULTS, write_report
-from bench.run import ROOT, new_workspace, stored, workload
+from bench.run import ROOT, new_workspace, steady_users, stored, workload
 from jobs import events as event_jobs
 from kana import db, migrate
 from kana.ingest import spool
@@ -43,7 +43,7 @@ def top(stats: pstats.Stats, key: str, n: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=20000)
-    ap.add_argument("--users", type=int, default=10000)
+    ap.add_argument("--users", type=int, default=2000, help="users created before the clock starts")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime = jobs.init(settings)
     runtime.redis.flushdb()
     ws_id, key = new_workspace()
+    steady_users(ws_id, args.users)
     calls = workload(args.events, args.users)
     client = app.test_client()
     for i in range(0, len(calls), 100):

@@ -6,12 +6,15 @@ Entry points (a request, a job, a CLI command) own transactions:
 
 from __future__ import annotations
 
+import json
 import os
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import JSON, Engine, Table, create_engine, event, insert, text
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session as SASession
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.types import TypeDecorator
 
 SessionLocal = sessionmaker(expire_on_commit=False)
 _engine: Engine | None = None
@@ -123,3 +126,48 @@ def assign_ids(session: SASession) -> None:
             ).scalars().all()
             for obj, new_id in zip(objs, ids, strict=True):
                 setattr(obj, column.key, new_id)
+
+
+def insert_rows(session: SASession, table: Table, rows: list[dict], *, skip_conflicts: list[str] | None = None,
+                returning: list[str] | None = None) -> list[tuple]:
+    """Insert ``rows`` (dicts with the same keys) set-based; returns the ``returning`` columns of inserted rows.
+
+    ``skip_conflicts`` names the unique key whose existing rows are skipped (ON
+    CONFLICT DO NOTHING: the key decides, with no lookup first). On PostgreSQL
+    the rows travel as one array per column through ``unnest``: one short
+    statement whatever the row count, which psycopg parses once and prepares,
+    where a multi-row VALUES list has thousands of parameters to re-parse on
+    every call. Elsewhere the dialect's INSERT with the same clauses.
+    """
+    if not rows:
+        return []
+    names = list(rows[0])
+    dialect = session.get_bind().dialect
+    if dialect.name == "postgresql":
+        columns, params = [], {}
+        for i, name in enumerate(names):
+            column = table.c[name]
+            values = [row[name] for row in rows]
+            kind = column.type
+            if isinstance(kind, TypeDecorator):
+                values = [kind.process_bind_param(v, dialect) for v in values]
+                kind = kind.load_dialect_impl(dialect)
+            if isinstance(kind, JSON):
+                values = [None if v is None else json.dumps(v) for v in values]
+            params[f"c{i}"] = values
+            columns.append(f"CAST(:c{i} AS {kind.compile(dialect=dialect)}[])")
+        sql = f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM unnest({', '.join(columns)})"
+        if skip_conflicts:
+            sql += f" ON CONFLICT ({', '.join(skip_conflicts)}) DO NOTHING"
+        if returning:
+            sql += f" RETURNING {', '.join(returning)}"
+        result = session.execute(text(sql), params)
+        return [tuple(r) for r in result] if returning else []
+    module = sqlite if dialect.name == "sqlite" else None
+    stmt = module.insert(table) if module is not None else insert(table)
+    if skip_conflicts and module is not None:
+        stmt = stmt.on_conflict_do_nothing(index_elements=skip_conflicts)
+    if returning:
+        return [tuple(r) for r in session.execute(stmt.returning(*(table.c[n] for n in returning)), rows)]
+    session.execute(stmt, rows)
+    return []

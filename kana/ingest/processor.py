@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from redis import Redis
-from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -88,24 +87,6 @@ def traits_of(traits: dict, billing_provider: str | None, context: dict | None =
 
 EVENTS = Event.__table__
 USAGE = Usage.__table__
-# Events inserted per statement: enough to amortise a round trip, few enough
-# parameters per statement for the driver to handle quickly.
-PAGE = 250
-
-
-def insert_new(session: Session, table, index: list[str], rows: list[dict], returning: list):  # noqa: ANN001
-    """Insert ``rows`` skipping those the unique ``index`` already holds; returns the inserted ones.
-
-    The unique key decides (no lookup first): a concurrent transaction holding
-    the same key makes this wait for its outcome instead of inserting twice.
-    """
-    dialect = session.get_bind().dialect.name
-    module = postgresql if dialect == "postgresql" else sqlite
-    stmt = module.insert(table).on_conflict_do_nothing(index_elements=index).returning(*returning)
-    found = []
-    for i in range(0, len(rows), PAGE):
-        found.extend(session.execute(stmt, rows[i : i + PAGE]).all())
-    return found
 
 
 class _Directory(identity.Directory):
@@ -180,8 +161,8 @@ class _Workspace:
             user = self.directory.find(call["userId"]) if known and call["type"] not in ("alias", "delete") else None
             rows.append(self.event_row(call, user.kana_id if user is not None else None))
         columns = [{k: v for k, v in row.items() if k != "mapping"} for row in rows]
-        ids = dict(insert_new(self.session, EVENTS, ["workspace_id", "message_id"], columns,
-                              [EVENTS.c.message_id, EVENTS.c.id]))
+        ids = dict(db.insert_rows(self.session, EVENTS, columns, skip_conflicts=["workspace_id", "message_id"],
+                                  returning=["message_id", "id"]))
         return [(call, row, ids[call["messageId"]]) for call, row in zip(calls, rows, strict=True)
                 if call["messageId"] in ids]
 
@@ -231,7 +212,7 @@ class _Workspace:
             )
         if self._usage:
             rows = [{**row, "kana_id": user.kana_id} for row, user in self._usage]
-            self.session.execute(insert(USAGE), rows)
+            db.insert_rows(self.session, USAGE, rows)
             self.recorded.update((r["kana_id"], r["feature_id"]) for r in rows)
         self._kana, self._usage = [], []
 
