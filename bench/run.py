@@ -2,8 +2,8 @@
 
     python -m bench.run [--events 20000] [--workers 2] [--reps 3] [--users 2000] [--code DIR]
 
-Needs DATABASE_URL and REDIS_URL (PostgreSQL and Redis). A database whose name
-starts with "bench" is emptied and migrated first (a fresh installation: its
+Needs DATABASE_URL and REDIS_URL (PostgreSQL and Redis). The database (its
+name must contain "bench") is emptied and migrated first (a fresh installation: its
 tables grow during the run with stale planner statistics). Each repetition
 uses a new workspace whose ``--users`` users exist before the clock starts
 (steady state) and the mixed workload (identify 15%, track with featureId 70%,
@@ -449,12 +449,13 @@ def medians(runs: list[dict]) -> dict:
 
 
 def fresh_database(url: str) -> None:
-    """Empty a benchmark database ("bench…" only) and migrate it: tables start empty, statistics go stale."""
+    """Empty a benchmark database (its name says "bench") and migrate it: tables start empty, statistics go stale."""
     from sqlalchemy.engine import make_url
 
     name = make_url(url).database or ""
-    if not name.startswith("bench"):
-        raise SystemExit(f"--fresh empties the database: refusing {name!r} (its name must start with 'bench')")
+    if "bench" not in name:
+        raise SystemExit(f"emptying the database first: refusing {name!r} (its name must contain 'bench'; "
+                         "or pass --no-fresh)")
     with db.get_engine().begin() as conn:
         conn.exec_driver_sql("DROP SCHEMA public CASCADE")
         conn.exec_driver_sql("CREATE SCHEMA public")
