@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
+from decimal import Decimal
 
-from sqlalchemy import JSON, Engine, Table, create_engine, event, insert, text
+from sqlalchemy import Engine, Table, create_engine, event, insert, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session as SASession
@@ -128,40 +130,48 @@ def assign_ids(session: SASession) -> None:
                 setattr(obj, column.key, new_id)
 
 
+def _json_value(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot send {type(value).__name__} as JSON")
+
+
 def insert_rows(session: SASession, table: Table, rows: list[dict], *, skip_conflicts: list[str] | None = None,
                 returning: list[str] | None = None) -> list[tuple]:
     """Insert ``rows`` (dicts with the same keys) set-based; returns the ``returning`` columns of inserted rows.
 
     ``skip_conflicts`` names the unique key whose existing rows are skipped (ON
     CONFLICT DO NOTHING: the key decides, with no lookup first). On PostgreSQL
-    the rows travel as one array per column through ``unnest``: one short
-    statement whatever the row count, which psycopg parses once and prepares,
-    where a multi-row VALUES list has thousands of parameters to re-parse on
-    every call. Elsewhere the dialect's INSERT with the same clauses.
+    the rows travel as one JSON document expanded by ``json_to_recordset``: one
+    short statement with one parameter whatever the row count, which psycopg
+    prepares once, where a multi-row VALUES list has thousands of parameters
+    to re-parse on every call (and arrays of text cost as much to escape).
+    Elsewhere the dialect's INSERT with the same clauses.
     """
     if not rows:
         return []
     names = list(rows[0])
     dialect = session.get_bind().dialect
     if dialect.name == "postgresql":
-        columns, params = [], {}
-        for i, name in enumerate(names):
-            column = table.c[name]
-            values = [row[name] for row in rows]
-            kind = column.type
-            if isinstance(kind, TypeDecorator):
-                values = [kind.process_bind_param(v, dialect) for v in values]
-                kind = kind.load_dialect_impl(dialect)
-            if isinstance(kind, JSON):
-                values = [None if v is None else json.dumps(v) for v in values]
-            params[f"c{i}"] = values
-            columns.append(f"CAST(:c{i} AS {kind.compile(dialect=dialect)}[])")
-        sql = f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM unnest({', '.join(columns)})"
+        decorated = {n: table.c[n].type for n in names if isinstance(table.c[n].type, TypeDecorator)}
+        if decorated:
+            rows = [{**row, **{n: kind.process_bind_param(row[n], dialect) for n, kind in decorated.items()}}
+                    for row in rows]
+        types = []
+        for name in names:
+            kind = table.c[name].type
+            kind = kind.load_dialect_impl(dialect) if isinstance(kind, TypeDecorator) else kind
+            types.append(f'"{name}" {kind.compile(dialect=dialect)}')
+        quoted = ", ".join(f'"{n}"' for n in names)
+        sql = (f"INSERT INTO {table.name} ({quoted}) SELECT {quoted} "
+               f"FROM json_to_recordset(CAST(:rows AS json)) AS r({', '.join(types)})")
         if skip_conflicts:
             sql += f" ON CONFLICT ({', '.join(skip_conflicts)}) DO NOTHING"
         if returning:
             sql += f" RETURNING {', '.join(returning)}"
-        result = session.execute(text(sql), params)
+        result = session.execute(text(sql), {"rows": json.dumps(rows, default=_json_value)})
         return [tuple(r) for r in result] if returning else []
     module = sqlite if dialect.name == "sqlite" else None
     stmt = module.insert(table) if module is not None else insert(table)
