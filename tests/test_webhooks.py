@@ -18,7 +18,7 @@ from jobs import webhooks as webhook_jobs
 from kana.db import SessionLocal, read_only
 from kana.domain import webhooks
 from kana.models import Alert, WebhookDelivery
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 from tests.test_dashboard import admin, browser, post, text  # noqa: F401 - fixtures
 from tests.test_entitlements import api, assign, kana_id_of, send, setup_plan, track
 
