@@ -6,7 +6,7 @@ from flask import Flask
 
 import config
 from config import Settings
-from kana import runtime
+from kana import routing, runtime
 from kana.runtime import Runtime
 
 
@@ -16,6 +16,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(SECRET_KEY=settings.secret_key, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     runtime.install(app, Runtime(settings))
+    routing.install(app)  # <id:…> and <job:…> in routes
 
     from kana import api, dashboard, health
     from kana.ingest import receiver

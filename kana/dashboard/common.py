@@ -18,8 +18,10 @@ from werkzeug.exceptions import HTTPException
 
 from kana import errors
 from kana.db import SessionLocal, read_only
+from kana.domain.ids import MAX_ID, in_id_range
 from kana.errors import KanaError
 from kana.models import DashboardAdmin, Workspace
+from kana.routing import error_headers
 from kana.serializers import amount
 
 bp = Blueprint(
@@ -131,8 +133,9 @@ def _headers(response: Response) -> Response:
 @bp.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> ResponseReturnValue:
     if wants_json():
-        return jsonify({"code": (exc.name or "error").lower().replace(" ", "_"), "message": exc.description}), exc.code
-    return render_template("dashboard/error.html", error=exc), exc.code or 500
+        return (jsonify({"code": (exc.name or "error").lower().replace(" ", "_"), "message": exc.description}),
+                exc.code, error_headers(exc))
+    return render_template("dashboard/error.html", error=exc), exc.code or 500, error_headers(exc)
 
 
 @bp.errorhandler(KanaError)
@@ -180,22 +183,29 @@ def back_to(endpoint: str, **values: Any) -> None:
 
 
 def int_arg(name: str, default: int | None = None) -> int | None:
+    """A whole-number query argument (a position in a list: 0..MAX_ID); 400 otherwise."""
     raw = request.args.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         abort(400, description=f"{name} must be a whole number.")
+    if not 0 <= value <= MAX_ID:
+        abort(400, description=f"{name} is out of range.")
+    return value
 
 
 def int_list(values: list[str], name: str = "kana_id") -> list[int]:
     out = []
     for raw in values:
         try:
-            out.append(int(raw))
+            value = int(raw)
         except ValueError:
             abort(400, description=f"{name} must be whole numbers.")
+        if not in_id_range(value):
+            abort(400, description=f"{name} {value} is not an id.")
+        out.append(value)
     return list(dict.fromkeys(out))
 
 

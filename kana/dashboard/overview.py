@@ -139,7 +139,7 @@ def job_summary(state: dict[str, Any]) -> str:
     return "Finished." if done else "Running…"
 
 
-@bp.get("/jobs/<job_id>.json")
+@bp.get("/jobs/<job:job_id>.json")
 def job_json(job_id: str) -> ResponseReturnValue:
     state = job_state(job_id)
     if state is None:

@@ -1,0 +1,82 @@
+"""No 5xx for any path or query: ids checked once by the URL converters; HTTP errors keep their headers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_dashboard import admin, browser, log_in, post  # noqa: F401 - fixtures
+
+# What the black-box probes sent: not a job id (rq raises ValueError), or past BIGINT.
+BAD_JOB_IDS = ["%C2%B3", "'%20OR%201=1--", "%25", "*", "a:b", "x" * 200]
+OUT_OF_RANGE = ["9223372036854775808", "99999999999999999999999", "0", "-1", "1.5", "%C2%B3"]
+
+DASHBOARD_GETS = ["/dashboard/users/{}", "/dashboard/rules/{}", "/dashboard/csv/imports/{}",
+                  "/dashboard/csv/imports/{}.json", "/dashboard/csv/imports/{}/report.csv",
+                  "/dashboard/keys/{}/revoke"]
+DASHBOARD_POSTS = ["/dashboard/rules/{}", "/dashboard/rules/{}/delete", "/dashboard/events/failed/{}/retry",
+                   "/dashboard/keys/{}/revoke"]
+
+
+@pytest.mark.parametrize("job_id", BAD_JOB_IDS)
+def test_api_job_ids_of_another_shape_are_not_found(client, workspace, job_id):
+    resp = client.get(f"/api/v1/jobs/{job_id}", headers=workspace.headers)
+    assert resp.status_code == 404, resp.get_data(as_text=True)
+    assert resp.get_json()["code"] == "not_found"
+
+
+@pytest.mark.parametrize("raw", OUT_OF_RANGE)
+def test_api_ids_out_of_range_are_not_found(client, workspace, raw):
+    for method, path in [("get", "/api/v1/imports/csv/{}"), ("get", "/api/v1/users/{}"),
+                         ("delete", "/api/v1/users/{}"), ("patch", "/api/v1/rules/{}"),
+                         ("delete", "/api/v1/keys/{}"), ("post", "/api/v1/events/failed/{}/retry"),
+                         ("get", "/api/v1/users/{}/usage")]:
+        resp = getattr(client, method)(path.format(raw), headers=workspace.headers, json={})
+        assert resp.status_code == 404, (method, path, raw, resp.status_code)
+
+
+@pytest.mark.parametrize("raw", OUT_OF_RANGE)
+def test_dashboard_ids_out_of_range_are_not_found(browser, raw):  # noqa: F811 - fixture
+    for path in DASHBOARD_GETS:
+        assert browser.get(path.format(raw)).status_code == 404, path
+    for path in DASHBOARD_POSTS:
+        assert post(browser, path.format(raw)).status_code == 404, path
+
+
+@pytest.mark.parametrize("job_id", BAD_JOB_IDS)
+def test_dashboard_job_ids_of_another_shape_are_not_found(browser, job_id):  # noqa: F811 - fixture
+    assert browser.get(f"/dashboard/jobs/{job_id}.json").status_code == 404
+
+
+def test_dashboard_list_positions_out_of_range_are_refused(browser):  # noqa: F811 - fixture
+    assert browser.get("/dashboard/users?after=9223372036854775808").status_code == 400
+    assert browser.get("/dashboard/events?before=-1").status_code == 400
+    assert browser.get("/dashboard/users/merge?kana_id=1&kana_id=9223372036854775808").status_code == 400
+
+
+def test_method_not_allowed_keeps_its_allow_header(client, workspace, browser):  # noqa: F811 - fixture
+    resp = client.put("/api/v1/features", headers=workspace.headers)
+    assert resp.status_code == 405 and resp.get_json()["code"] == "method_not_allowed"
+    assert set(resp.headers["Allow"].split(", ")) >= {"GET", "POST"}
+    resp = browser.delete("/dashboard/keys")
+    assert resp.status_code == 405 and "GET" in resp.headers["Allow"]
+
+
+def test_export_with_an_empty_flag_is_refused(client, workspace):
+    resp = client.get("/api/v1/exports/users.csv?flag=", headers=workspace.headers)
+    assert resp.status_code == 400 and "flag" in resp.get_json()["errors"]
+    assert client.get("/api/v1/exports/users.csv", headers=workspace.headers).status_code == 200
+
+
+def test_csv_import_list_limit_is_checked(client, workspace):
+    resp = client.get("/api/v1/imports/csv?limit=101", headers=workspace.headers)
+    assert resp.status_code == 400 and "limit" in resp.get_json()["errors"]
+
+
+def test_a_partial_rule_update_still_needs_whole_conditions(client, workspace):
+    h = workspace.headers
+    assert client.post("/api/v1/features", json={"id": "f"}, headers=h).status_code == 201
+    rule = client.post("/api/v1/rules", json={"event": "e", "feature_id": "f"}, headers=h).get_json()
+    resp = client.patch(f"/api/v1/rules/{rule['id']}", json={"conditions": [{"property": "p", "value": None}]},
+                        headers=h)
+    assert resp.status_code == 400
+    assert "conditions.0.operator" in resp.get_json()["errors"]
