@@ -80,3 +80,98 @@ def test_a_partial_rule_update_still_needs_whole_conditions(client, workspace):
                         headers=h)
     assert resp.status_code == 400
     assert "conditions.0.operator" in resp.get_json()["errors"]
+
+
+# --- revocable dashboard sessions -------------------------------------------------------------
+
+
+def copy_of_cookie(client):
+    return client.get_cookie("kana_session").value
+
+
+def test_a_cookie_copied_before_logout_no_longer_opens_pages(app, browser):  # noqa: F811 - fixture
+    copied = copy_of_cookie(browser)
+    assert browser.get("/dashboard/users").status_code == 200
+    assert post(browser, "/dashboard/logout").status_code == 302
+    thief = app.test_client()
+    thief.set_cookie("kana_session", copied)
+    resp = thief.get("/dashboard/users")
+    assert resp.status_code == 302 and "/dashboard/login" in resp.location
+
+
+def test_log_out_everywhere_ends_every_session_of_the_admin(app, client, admin):  # noqa: F811 - fixture
+    other = app.test_client()
+    assert log_in(client, admin.email).status_code == 302
+    assert log_in(other, admin.email).status_code == 302
+    assert other.get("/dashboard/users").status_code == 200
+    page = client.get("/dashboard/").get_data(as_text=True)
+    assert "Log out everywhere" in page
+    assert post(client, "/dashboard/logout/everywhere").status_code == 302
+    assert client.get("/dashboard/users").status_code == 302
+    assert other.get("/dashboard/users").status_code == 302
+    assert log_in(other, admin.email).status_code == 302  # a new login works
+
+
+def test_the_cli_password_change_ends_sessions(settings, browser, admin):  # noqa: F811 - fixture
+    from click.testing import CliRunner
+
+    from kana.cli import main as cli
+
+    result = CliRunner().invoke(cli, ["admin", "password", "--workspace", str(admin.workspace_id),
+                                      "--email", admin.email, "--password", "another long password"],
+                                env={"DATABASE_URL": settings.database_url})
+    assert result.exit_code == 0, result.output
+    assert browser.get("/dashboard/users").status_code == 302
+
+
+# --- /rq for installation operators; workspace jobs in the dashboard ------------------------------
+
+
+def test_rq_is_for_operators_made_by_the_cli(settings, client, workspace):
+    from click.testing import CliRunner
+
+    from kana.cli import main as cli
+    from tests.test_dashboard import PASSWORD
+
+    env = {"DATABASE_URL": settings.database_url}
+    for email, extra in (("ws-admin@acme.test", []), ("op@acme.test", ["--operator"])):
+        result = CliRunner().invoke(cli, ["admin", "create", "--workspace", str(workspace.id), "--email", email,
+                                          "--password", PASSWORD, *extra], env=env)
+        assert result.exit_code == 0, result.output
+    assert "installation operator" in result.output
+    assert log_in(client, "ws-admin@acme.test").status_code == 302
+    assert client.get("/rq/").status_code == 403
+    assert client.get("/rq/0/data/queues.json").status_code == 403
+    assert 'href="/rq/' not in client.get("/dashboard/").get_data(as_text=True)
+    assert log_in(client, "op@acme.test").status_code == 302
+    assert client.get("/rq/").status_code == 200
+    assert 'href="/rq/' in client.get("/dashboard/").get_data(as_text=True)
+
+
+def test_jobs_page_lists_only_the_workspace_jobs(browser, admin, new_workspace, work):  # noqa: F811 - fixture
+    other = new_workspace("other")
+    mine = browser.post("/api/v1/flags/refresh", headers=admin.headers).get_json()["job_id"]
+    theirs = browser.post("/api/v1/flags/refresh",
+                          headers={"Authorization": f"Bearer {other.key}"}).get_json()["job_id"]
+    queued = browser.get("/dashboard/jobs").get_data(as_text=True)
+    assert mine in queued and theirs not in queued
+    work()
+    page = browser.get("/dashboard/jobs")
+    assert page.status_code == 200
+    text = page.get_data(as_text=True)
+    assert mine in text and theirs not in text and "finished" in text
+
+
+# --- login throttling that cannot lock an admin out -----------------------------------------------
+
+
+def test_failed_logins_from_one_address_do_not_lock_the_admin_out(app, client, runtime, admin):  # noqa: F811
+    attacker = app.test_client()
+    attacker.environ_base["REMOTE_ADDR"] = "203.0.113.7"
+    for _ in range(runtime.settings.login_attempts):
+        assert log_in(attacker, admin.email, "not the password").status_code == 401
+    assert log_in(attacker, admin.email).status_code == 429  # that address, that email: limited
+    client.environ_base["REMOTE_ADDR"] = "198.51.100.2"
+    resp = log_in(client, admin.email)
+    assert resp.status_code == 302, resp.get_data(as_text=True)
+    assert client.get("/dashboard/users").status_code == 200

@@ -565,16 +565,19 @@ def admin() -> None:
 @click.option("--email", required=True)
 @click.option("--password", default=None,
               help="Prefer the prompt: a password given here stays in the shell history.")
-def admin_create(workspace_id: int, email: str, password: str | None) -> None:
+@click.option("--operator", is_flag=True, default=False,
+              help="An installation operator: may also open /rq, which shows every workspace's jobs.")
+def admin_create(workspace_id: int, email: str, password: str | None, operator: bool) -> None:
     """Create a dashboard admin of a workspace (prompts for the password unless given)."""
     from kana.domain import accounts
 
     if password is None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     with _session().begin() as s:
-        row = accounts.create_admin(s, workspace_id, email, password)
+        row = accounts.create_admin(s, workspace_id, email, password, operator=operator)
         admin_id, address = row.id, row.email
-    click.echo(f"dashboard admin {admin_id} ({address}) created for workspace {workspace_id}")
+    role = "installation operator" if operator else "dashboard admin"
+    click.echo(f"{role} {admin_id} ({address}) created for workspace {workspace_id}")
 
 
 @admin.command("password")
@@ -582,7 +585,7 @@ def admin_create(workspace_id: int, email: str, password: str | None) -> None:
 @click.option("--email", required=True)
 @click.option("--password", default=None, help="Prefer the prompt (see admin create).")
 def admin_password(workspace_id: int, email: str, password: str | None) -> None:
-    """Set a dashboard admin's password (ends their other sessions)."""
+    """Set a dashboard admin's password (ends every session they have open)."""
     from sqlalchemy import select
 
     from kana.domain import accounts
@@ -612,4 +615,5 @@ def admin_list(workspace_id: int) -> None:
                          .order_by(DashboardAdmin.id))
         for row in rows:
             last = row.last_login_at.isoformat() if row.last_login_at else "never"
-            click.echo(f"{row.id}\t{row.email}\tlast login {last}")
+            role = "\toperator" if row.operator else ""
+            click.echo(f"{row.id}\t{row.email}\tlast login {last}{role}")
