@@ -175,3 +175,78 @@ def test_failed_logins_from_one_address_do_not_lock_the_admin_out(app, client, r
     resp = log_in(client, admin.email)
     assert resp.status_code == 302, resp.get_data(as_text=True)
     assert client.get("/dashboard/users").status_code == 200
+
+
+# --- early rejections keep keep-alive connections usable (gunicorn, as the Procfile runs it) -------
+
+
+@pytest.fixture
+def gunicorn_server(settings, redis, tmp_path):
+    """``gunicorn app:app`` with the Procfile's worker class (threads) on a free port."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.conftest import ROOT, worker_env
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**worker_env(settings), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    proc = subprocess.Popen([gunicorn, "app:app", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+                             "--threads", "4"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(proc.stderr.read().decode()[-3000:]) from None
+            time.sleep(0.2)
+    yield port
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_the_connection_serves_requests_after_a_413(gunicorn_server, settings, workspace):
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", gunicorn_server, timeout=30)
+    headers = {"Authorization": f"Bearer {workspace.ingest_key}", "Content-Type": "application/json"}
+    # A batch over the body limit (600 KB by default), refused from its Content-Length before reading.
+    big = json.dumps({"batch": [{"type": "track", "userId": "u", "event": "x" * 1000}] *
+                      (settings.max_batch_bytes // 1000 + 100)}).encode()
+    conn.request("POST", "/v1/batch", body=big, headers=headers)
+    resp = conn.getresponse()
+    assert resp.status == 413
+    resp.read()
+    assert resp.getheader("Connection", "").lower() != "close"
+    sock = conn.sock
+    ok = 0
+    for i in range(10):
+        call = {"type": "track", "userId": f"u{i}", "event": "Seat Added", "messageId": f"keepalive-{i}"}
+        conn.request("POST", "/v1/track", body=json.dumps(call).encode(), headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        ok += resp.status == 200
+        assert conn.sock is sock  # the same connection, not a reconnect
+    assert ok == 10
+
+
+def test_an_unread_body_past_the_drain_bound_closes_the_connection(client, workspace):
+    from kana import keepalive
+
+    resp = client.post("/api/v1/imports/csv", data=b"x" * 1024,
+                       headers={**workspace.headers, "Content-Type": "text/csv",
+                                }, environ_overrides={"CONTENT_LENGTH": str(keepalive.DRAIN_MAX + 1)})
+    assert resp.headers["Connection"] == "close"
