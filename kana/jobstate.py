@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,6 +11,8 @@ from redis import Redis
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, parse_job_id
 from rq.queue import Queue
+
+from kana.domain import ids
 
 # RQ's statuses folded into the four a caller acts on.
 STATUSES = {
@@ -34,7 +37,10 @@ def workspace_job(redis: Redis, job_id: str, workspace_id: int) -> Job | None:
 
     Jobs started for a workspace carry its id in their meta; the pipeline's own
     drain jobs carry none and belong to no workspace. Redis errors propagate.
+    An id of another shape (a ``?job=`` argument) is no job: RQ would raise ValueError.
     """
+    if not isinstance(job_id, str) or not re.fullmatch(ids.JOB_ID, job_id):
+        return None
     try:
         job = Job.fetch(job_id, connection=redis)
     except NoSuchJobError:

@@ -13,10 +13,7 @@ from flask import Flask
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import BaseConverter
 
-from kana.domain.ids import MAX_ID, in_id_range
-
-# RQ's JOB_ID_PATTERN, bounded: uuid4 hex ids are 36 characters.
-JOB_ID = r"[A-Za-z0-9_-]{1,128}"
+from kana.domain.ids import JOB_ID, MAX_ID, in_id_range
 
 
 class IdConverter(BaseConverter):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_dashboard import admin, browser, log_in, post  # noqa: F401 - fixtures
+from tests.test_dashboard import admin, browser, csrf_token, log_in, post  # noqa: F401 - fixtures
 
 # What the black-box probes sent: not a job id (rq raises ValueError), or past BIGINT.
 BAD_JOB_IDS = ["%C2%B3", "'%20OR%201=1--", "%25", "*", "a:b", "x" * 200]
@@ -51,6 +51,11 @@ def test_dashboard_list_positions_out_of_range_are_refused(browser):  # noqa: F8
     assert browser.get("/dashboard/users?after=9223372036854775808").status_code == 400
     assert browser.get("/dashboard/events?before=-1").status_code == 400
     assert browser.get("/dashboard/users/merge?kana_id=1&kana_id=9223372036854775808").status_code == 400
+
+
+def test_dashboard_refuses_nul_characters_naming_the_field(browser):  # noqa: F811 - fixture
+    resp = browser.get("/dashboard/users", query_string={"q": "a\x00b"})
+    assert resp.status_code == 400 and "&#39;q&#39;" in resp.get_data(as_text=True)
 
 
 def test_method_not_allowed_keeps_its_allow_header(client, workspace, browser):  # noqa: F811 - fixture
@@ -250,3 +255,39 @@ def test_an_unread_body_past_the_drain_bound_closes_the_connection(client, works
                        headers={**workspace.headers, "Content-Type": "text/csv",
                                 }, environ_overrides={"CONTENT_LENGTH": str(keepalive.DRAIN_MAX + 1)})
     assert resp.headers["Connection"] == "close"
+
+
+# --- every dashboard route, odd query and form values: never a 5xx -------------------------------
+
+ODD_VALUES = ["x", "-1", "9223372036854775808", "\x00", "a" * 400]
+# The query and form fields the dashboard's views read.
+ARG_NAMES = ["after", "before", "q", "flag", "kana_id", "match", "next", "feature", "job", "window", "groups_cursor",
+             "status", "type", "view", "scope", "name", "force", "billing_provider", "id", "feature_id", "event",
+             "priority", "rows", "delta_property", "enabled"]
+
+
+def test_no_dashboard_route_answers_a_server_error(app, browser):  # noqa: F811 - fixture
+    import re
+
+    app.config["PROPAGATE_EXCEPTIONS"] = False  # a bug answers 500 here instead of raising
+    token = csrf_token(browser, "/dashboard/keys")  # the session's, valid for all its forms
+    try:
+        failures = []
+        for rule in app.url_map.iter_rules():
+            if not rule.rule.startswith(("/dashboard", "/rq")) or rule.endpoint.endswith("static") \
+                    or "logout" in rule.endpoint:  # the probe stays logged in
+                continue
+            url = re.sub(r"<[^>]+>", "x", re.sub(r"<job:[^>]+>", "abc", re.sub(r"<id:[^>]+>", "1", rule.rule)))
+            for name in ARG_NAMES:
+                for value in ODD_VALUES:
+                    if "GET" in rule.methods:
+                        status = browser.get(url, query_string={name: value}).status_code
+                    else:
+                        status = browser.post(url, data={name: value, "csrf_token": token},
+                                              query_string={name: value}).status_code
+                    if status >= 500:
+                        failures.append((url, name, value[:20], status))
+        assert not failures, sorted({(u, n, s) for u, n, _, s in failures})
+        assert browser.get("/dashboard/").status_code == 200  # still logged in: every probe reached its view
+    finally:
+        app.config["PROPAGATE_EXCEPTIONS"] = None

@@ -126,6 +126,7 @@ def safe_next(target: str | None) -> str | None:
 @bp.before_request
 def _guard() -> ResponseReturnValue | None:
     csrf.protect()
+    _refuse_nul()
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
     admin = current_admin()
@@ -135,6 +136,15 @@ def _guard() -> ResponseReturnValue | None:
         return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
     g.admin = admin
     return None
+
+
+def _refuse_nul() -> None:
+    """400 for a query or form value holding U+0000, which no PostgreSQL text column can store
+    (one check for every page, rather than a 500 from whichever query meets it first)."""
+    for source in (request.args, request.form):
+        for name, value in source.items(multi=True):
+            if "\x00" in name or "\x00" in value:
+                abort(400, description=f"{name!r} must not contain NUL (\\u0000) characters.")
 
 
 @bp.after_request
