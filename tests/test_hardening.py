@@ -129,6 +129,17 @@ def test_the_cli_password_change_ends_sessions(settings, browser, admin):  # noq
     assert browser.get("/dashboard/users").status_code == 302
 
 
+def test_the_cli_logs_an_admin_out_everywhere(settings, browser, admin):  # noqa: F811 - fixture
+    from click.testing import CliRunner
+
+    from kana.cli import main as cli
+
+    result = CliRunner().invoke(cli, ["admin", "logout", "--workspace", str(admin.workspace_id),
+                                      "--email", admin.email], env={"DATABASE_URL": settings.database_url})
+    assert result.exit_code == 0 and "1 session(s)" in result.output, result.output
+    assert browser.get("/dashboard/users").status_code == 302
+
+
 # --- /rq for installation operators; workspace jobs in the dashboard ------------------------------
 
 
@@ -180,6 +191,19 @@ def test_failed_logins_from_one_address_do_not_lock_the_admin_out(app, client, r
     resp = log_in(client, admin.email)
     assert resp.status_code == 302, resp.get_data(as_text=True)
     assert client.get("/dashboard/users").status_code == 200
+
+
+def test_failures_on_one_email_from_many_addresses_slow_it_down_capped(runtime):
+    from kana.domain import accounts
+
+    limit, window = 3, 60
+    verdicts = [accounts.count_attempt(runtime.redis, f"192.0.2.{i}", "target@acme.test", limit=limit,
+                                       window=window) for i in range(limit + 6)]
+    assert all(v.allowed for v in verdicts)  # never a refusal: each address is under its own limit
+    delays = [v.delay for v in verdicts]
+    assert delays[:limit] == [0.0] * limit
+    assert delays[limit:] == sorted(delays[limit:]) and delays[limit] > 0
+    assert delays[-1] == accounts.DELAY_CAP
 
 
 # --- early rejections keep keep-alive connections usable (gunicorn, as the Procfile runs it) -------

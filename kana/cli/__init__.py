@@ -602,6 +602,25 @@ def admin_password(workspace_id: int, email: str, password: str | None) -> None:
     click.echo(f"password of {accounts.normal_email(email)} changed")
 
 
+@admin.command("logout")
+@click.option("--workspace", "workspace_id", type=int, required=True)
+@click.option("--email", required=True)
+def admin_logout(workspace_id: int, email: str) -> None:
+    """End every dashboard session of an admin (as their "Log out everywhere" does)."""
+    from sqlalchemy import select
+
+    from kana.domain import accounts
+    from kana.models import DashboardAdmin
+
+    with _session().begin() as s:
+        row = s.scalar(select(DashboardAdmin).where(DashboardAdmin.workspace_id == workspace_id,
+                                                    DashboardAdmin.email == accounts.normal_email(email)))
+        if row is None:
+            raise click.ClickException(f"no dashboard admin {email} in workspace {workspace_id}")
+        ended = accounts.end_sessions(s, row.id)
+    click.echo(f"{ended} session(s) of {accounts.normal_email(email)} ended")
+
+
 @admin.command("list")
 @click.option("--workspace", "workspace_id", type=int, required=True)
 def admin_list(workspace_id: int) -> None:
