@@ -19,10 +19,11 @@ from sqlalchemy import func, select
 from kana.db import SessionLocal, read_only
 from kana.domain import accounts, identity
 from kana.models import Audit, Event, User
+from tests.conftest import ROOT
 from tests.helpers import make_user
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+SHOTS = ROOT / "test-artifacts" / "screenshots"
 PASSWORD = "correct horse battery staple"
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_dashboard import admin, browser, csrf_token, log_in, post  # noqa: F401 - fixtures
+from tests.conftest import worker_env
+from tests.integration.test_dashboard import admin, browser, csrf_token, log_in, post  # noqa: F401 - fixtures
 
 # What the black-box probes sent: not a job id (rq raises ValueError), or past BIGINT.
 BAD_JOB_IDS = ["%C2%B3", "'%20OR%201=1--", "%25", "*", "a:b", "x" * 200]
@@ -124,7 +125,7 @@ def test_the_cli_password_change_ends_sessions(settings, browser, admin):  # noq
 
     result = CliRunner().invoke(cli, ["admin", "password", "--workspace", str(admin.workspace_id),
                                       "--email", admin.email, "--password", "another long password"],
-                                env={"DATABASE_URL": settings.database_url})
+                                env=worker_env(settings))
     assert result.exit_code == 0, result.output
     assert browser.get("/dashboard/users").status_code == 302
 
@@ -135,7 +136,7 @@ def test_the_cli_logs_an_admin_out_everywhere(settings, browser, admin):  # noqa
     from kana.cli import main as cli
 
     result = CliRunner().invoke(cli, ["admin", "logout", "--workspace", str(admin.workspace_id),
-                                      "--email", admin.email], env={"DATABASE_URL": settings.database_url})
+                                      "--email", admin.email], env=worker_env(settings))
     assert result.exit_code == 0 and "1 session(s)" in result.output, result.output
     assert browser.get("/dashboard/users").status_code == 302
 
@@ -147,9 +148,9 @@ def test_rq_is_for_operators_made_by_the_cli(settings, client, workspace):
     from click.testing import CliRunner
 
     from kana.cli import main as cli
-    from tests.test_dashboard import PASSWORD
+    from tests.integration.test_dashboard import PASSWORD
 
-    env = {"DATABASE_URL": settings.database_url}
+    env = worker_env(settings)
     for email, extra in (("ws-admin@acme.test", []), ("op@acme.test", ["--operator"])):
         result = CliRunner().invoke(cli, ["admin", "create", "--workspace", str(workspace.id), "--email", email,
                                           "--password", PASSWORD, *extra], env=env)
