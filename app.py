@@ -6,7 +6,7 @@ from flask import Flask
 
 import config
 from config import Settings
-from kana import runtime
+from kana import keepalive, routing, runtime
 from kana.runtime import Runtime
 
 
@@ -16,6 +16,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config.update(SECRET_KEY=settings.secret_key, JSON_SORT_KEYS=False)
     app.json.sort_keys = False
     runtime.install(app, Runtime(settings))
+    routing.install(app)  # <id:…> and <job:…> in routes
+    keepalive.install(app)  # early answers (413 …) leave the connection usable
 
     from kana import api, dashboard, health
     from kana.ingest import receiver

@@ -43,8 +43,9 @@ class Settings:
     stripe_api_key: str | None = None
     # Where the chargebee library sends requests instead of https://{site}.chargebee.com/api/v2 (test servers).
     chargebee_api_base: str | None = None
-    # Dashboard logins: at most this many attempts per client address and per
-    # email within the window (seconds); more answer 429 until it passes.
+    # Dashboard logins: at most this many attempts per (client address, email) and five
+    # times as many per client address within the window (seconds); more answer 429
+    # until it passes. Failures on one email from everywhere only slow its logins down.
     login_attempts: int = 10
     login_window: int = 900
     # Send the dashboard's session cookie only over HTTPS (on in production).

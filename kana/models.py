@@ -342,6 +342,22 @@ class DashboardAdmin(Base):
     password_hash: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_login_at: Mapped[datetime | None]
+    # An installation operator also reaches /rq (rq-dashboard), which shows every
+    # workspace's jobs; made only by the CLI (``kana admin create --operator``).
+    operator: Mapped[bool] = mapped_column(default=False, server_default=false())
+
+
+class DashboardSession(Base):
+    """A logged-in dashboard session: the signed cookie names it, so logging out can end it on the server."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("dashboard_admins.id", ondelete="CASCADE"), index=True)
+    # Random, in the cookie beside the id: a row id the database hands out again
+    # (SQLite reuses the highest) cannot revive an ended session's cookie.
+    nonce: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Plan(Base):

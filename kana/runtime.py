@@ -10,7 +10,7 @@ from rq import Queue
 
 from config import Settings
 from kana import broker, db
-from kana.domain import entitlements, webhooks
+from kana.domain import counters, webhooks
 
 
 class Runtime:
@@ -18,7 +18,7 @@ class Runtime:
         self.settings = settings
         db.configure(settings.database_url)
         # After each commit: entitlement cache writes and webhook deliveries queued.
-        entitlements.install(db.SessionLocal, lambda: self.redis, lambda ids: webhooks.enqueue(self.queue, ids))
+        counters.install(db.SessionLocal, lambda: self.redis, lambda ids: webhooks.enqueue(self.queue, ids))
 
     @cached_property
     def redis(self) -> Redis:

@@ -94,7 +94,8 @@ def openapi_path(rule) -> str:
 
 
 def sample_url(rule) -> str:
-    return re.sub(r"<(?:[^:<>]+:)?[^<>]+>", lambda m: "1" if m.group(0).startswith("<int:") else "x", rule.rule)
+    return re.sub(r"<(?:[^:<>]+:)?[^<>]+>", lambda m: "1" if m.group(0).startswith(("<int:", "<id:")) else "x",
+                  rule.rule)
 
 
 # --- authentication -------------------------------------------------------------------------

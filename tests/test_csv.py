@@ -16,6 +16,7 @@ from kana.db import SessionLocal
 from kana.domain import flags, identity
 from kana.imports import csvfile
 from kana.models import Alias, Audit, CsvImport, User
+from tests.conftest import worker_env
 from tests.helpers import add_user, users_of
 
 HEADER = "kana_id,user_id,name,email,billing_id,created_at"
@@ -340,7 +341,7 @@ def test_api_export_streams_csv(client, workspace):
 def test_cli_export_and_import_round_trip(settings, workspace, tmp_path):
     with SessionLocal.begin() as s:
         add_user(s, workspace.id, user_id="u1", email="a@example.com")
-    env = {"DATABASE_URL": settings.database_url}
+    env = worker_env(settings)
     out = tmp_path / "users.csv"
     result = CliRunner().invoke(cli, ["export", "csv", "--workspace", str(workspace.id), "-o", str(out)], env=env)
     assert result.exit_code == 0, result.output

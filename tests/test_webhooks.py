@@ -19,7 +19,7 @@ from kana.db import SessionLocal, read_only
 from kana.domain import webhooks
 from kana.models import Alert, WebhookDelivery
 from tests.helpers import wait_until
-from tests.test_dashboard import admin, browser, post, text  # noqa: F401 - fixtures
+from tests.integration.test_dashboard import admin, browser, post, text  # noqa: F401 - fixtures
 from tests.test_entitlements import api, assign, kana_id_of, send, setup_plan, track
 
 

@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException
 from kana import auth, errors, paging
 from kana.domain.ids import MAX_ID
 from kana.errors import ApiError, KanaError, field_error, invalid
+from kana.routing import error_headers
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -64,7 +65,7 @@ def register_errors(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> ResponseReturnValue:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return jsonify({"code": code, "message": exc.description or exc.name}), exc.code
+        return jsonify({"code": code, "message": exc.description or exc.name}), exc.code, error_headers(exc)
 
 
 # --- input ----------------------------------------------------------------------------------

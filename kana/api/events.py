@@ -80,7 +80,7 @@ def list_events() -> ResponseReturnValue:
     return jsonify(result)
 
 
-@bp.post("/events/failed/<int:dead_letter_id>/retry")
+@bp.post("/events/failed/<id:dead_letter_id>/retry")
 @doc("retryFailedEvent", "Requeue a failed call", status=202, response=Requeued)
 def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     message_id = event_actions.retry_dead_letter(current(), auth.workspace_id(), dead_letter_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import jsonify, url_for
 from flask.typing import ResponseReturnValue
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate
 
 from kana import auth
 from kana.api.common import StrictSchema, body, bp, doc, query, text
@@ -17,9 +17,16 @@ from kana.services import features as feature_actions
 REQUEUE_HINT = " Queue it with POST /api/v1/rules/reprocess."
 
 
+def _slug(value: str) -> None:
+    if not features.SLUG.fullmatch(value):
+        raise ValidationError(
+            "Must be a slug: 1-100 lower-case letters, digits, '_' or '-', starting with a letter or digit.")
+
+
 class FeatureCreate(StrictSchema):
-    id = fields.String(required=True, validate=validate.Regexp(features.SLUG.pattern + r"\Z", error=(
-        "Must be a slug: 1-100 lower-case letters, digits, '_' or '-', starting with a letter or digit.")))
+    # The document states the pattern as an ECMA-262 regex (what OpenAPI patterns are); the
+    # check is Python's full match of the same slug.
+    id = fields.String(required=True, validate=_slug, metadata={"pattern": f"^{features.SLUG.pattern}$"})
     name = text(max_length=200)
     type = fields.String(load_default="consumable", validate=validate.OneOf(features.TYPES))
 

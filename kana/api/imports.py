@@ -10,14 +10,13 @@ from collections.abc import Iterator
 
 from flask import Response, jsonify, request
 from flask.typing import ResponseReturnValue
-from marshmallow import Schema, fields
+from marshmallow import Schema, fields, validate
 from sqlalchemy import select
 
 from kana import auth
-from kana.api.common import Queued, StrictSchema, bounded_int, bp, doc
+from kana.api.common import Queued, StrictSchema, bp, doc, query
 from kana.db import SessionLocal, read_only
 from kana.domain import flags
-from kana.domain.ids import in_id_range
 from kana.errors import ApiError, NotFound
 from kana.imports import csvfile
 from kana.models import CsvImport
@@ -26,12 +25,12 @@ from kana.services import imports as import_actions
 
 
 class ExportQuery(StrictSchema):
-    flag = fields.String(metadata={"enum": [*flags.FLAGS, flags.ANY],
-                                   "description": "Only users flagged so at the last refresh (any: either flag)."})
+    flag = fields.String(load_default=None, validate=validate.OneOf([*flags.FLAGS, flags.ANY]), metadata={
+        "description": "Only users flagged so at the last refresh (any: either flag)."})
 
 
 class LimitQuery(StrictSchema):
-    limit = fields.Integer(metadata={"maximum": 100})
+    limit = fields.Integer(load_default=20, validate=validate.Range(1, 100))
 
 
 class ReportRow(Schema):
@@ -76,21 +75,12 @@ class Upload(Schema):
     file = fields.String(required=True, metadata={"format": "binary"})
 
 
-def _flag_arg() -> str | None:
-    flag = request.args.get("flag") or None
-    if flag is not None and flag not in (*flags.FLAGS, flags.ANY):
-        choices = ", ".join((*flags.FLAGS, flags.ANY))
-        raise ApiError(400, "invalid_request", f"Unknown flag {flag!r}; use one of {choices}.",
-                       errors={"flag": f"Must be one of {choices}."})
-    return flag
-
-
 @bp.get("/exports/users.csv")
 @doc("exportUsersCsv", "All users (or the flagged ones) as CSV, streamed", query=ExportQuery,
      response="kana_id,user_id,name,email,billing_id,created_at (UTF-8; cells that would start a formula are "
               "prefixed with ')", media="text/csv", errors=(400, 401, 403))
 def export_users() -> ResponseReturnValue:
-    flag = _flag_arg()
+    flag = query(ExportQuery())["flag"]
     workspace_id = auth.workspace_id()
 
     def generate() -> Iterator[str]:
@@ -130,23 +120,22 @@ def import_csv() -> ResponseReturnValue:
 
 
 @bp.get("/imports/csv")
-@doc("listCsvImports", "Recent CSV imports", query=LimitQuery, response=CsvImportList, errors=(401, 403))
+@doc("listCsvImports", "Recent CSV imports", query=LimitQuery, response=CsvImportList, errors=(400, 401, 403))
 def list_csv_imports() -> ResponseReturnValue:
-    limit = bounded_int("limit", 20, 1, 100)
+    limit = query(LimitQuery())["limit"]
     with SessionLocal() as s:
         recent = csvfile.recent_imports(s, auth.workspace_id(), limit)
         result = {"imports": [csvfile.import_json(i, report=False) for i in recent]}
     return jsonify(result)
 
 
-@bp.get("/imports/csv/<int:import_id>")
+@bp.get("/imports/csv/<id:import_id>")
 @doc("getCsvImport", "A CSV import's progress and line-numbered report", response=CsvImportOut,
      errors=(401, 403, 404))
 def get_csv_import(import_id: int) -> ResponseReturnValue:
     with read_only(SessionLocal()) as s:
         imp = s.scalar(select(CsvImport).where(CsvImport.id == import_id,
-                                               CsvImport.workspace_id == auth.workspace_id())) \
-            if in_id_range(import_id) else None
+                                               CsvImport.workspace_id == auth.workspace_id()))
         if imp is None:
             raise NotFound(f"No CSV import {import_id} in this workspace.")
         result = csvfile.import_json(imp)

@@ -22,7 +22,7 @@ class JobOut(Schema):
     ended_at = fields.DateTime(allow_none=True)
 
 
-@bp.get("/jobs/<job_id>")
+@bp.get("/jobs/<job:job_id>")
 @doc("getJob", "Status and progress of a background job", response=JobOut)
 def job_status(job_id: str) -> ResponseReturnValue:
     job = jobstate.workspace_job(current().redis, job_id, auth.workspace_id())

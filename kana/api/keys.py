@@ -42,7 +42,7 @@ def create_key() -> ResponseReturnValue:
     return jsonify(key_actions.create(auth.workspace_id(), data["scope"], data["name"])), 201
 
 
-@bp.delete("/keys/<int:key_id>")
+@bp.delete("/keys/<id:key_id>")
 @doc("revokeKey", "Revoke an API key", status=204)
 def revoke_key(key_id: int) -> ResponseReturnValue:
     key_actions.revoke(auth.workspace_id(), key_id, redis=runtime.current().redis)

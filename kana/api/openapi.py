@@ -20,6 +20,7 @@ from flask.typing import ResponseReturnValue
 
 from kana.api.common import PUBLIC, Operation, bp
 from kana.api.events import COMPONENTS
+from kana.routing import CONVERTERS
 from kana.serializers import Error
 
 ERRORS = {
@@ -36,10 +37,10 @@ EXTENSION = "kana.openapi"
 
 
 def _path(rule: str) -> tuple[str, list[dict[str, Any]]]:
-    """An OpenAPI path and its parameters from a Flask URL rule (``<int:kana_id>`` → ``{kana_id}``)."""
+    """An OpenAPI path and its parameters from a Flask URL rule (``<id:kana_id>`` → ``{kana_id}``)."""
     parameters = [
         {"in": "path", "name": name, "required": True,
-         "schema": {"type": "integer"} if converter == "int" else {"type": "string"}}
+         "schema": dict(getattr(CONVERTERS.get(converter), "openapi", {"type": "string"}))}
         for converter, name in _PARAM.findall(rule)
     ]
     return _PARAM.sub(r"{\2}", rule), parameters

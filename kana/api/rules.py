@@ -45,13 +45,13 @@ def list_rules() -> ResponseReturnValue:
     return jsonify({"rules": rule_actions.listed(auth.workspace_id())})
 
 
-@bp.get("/rules/<int:rule_id>")
+@bp.get("/rules/<id:rule_id>")
 @doc("getRule", "Get a rule", response=RuleOut, errors=(401, 403, 404))
 def get_rule(rule_id: int) -> ResponseReturnValue:
     return jsonify(rule_actions.get(auth.workspace_id(), rule_id))
 
 
-@bp.patch("/rules/<int:rule_id>")
+@bp.patch("/rules/<id:rule_id>")
 @doc("updateRule", "Change a rule (conditions are replaced) and reprocess", body=RuleSchema,
      response=RuleWithJob, errors=RULE_ERRORS)
 def update_rule(rule_id: int) -> ResponseReturnValue:
@@ -59,7 +59,7 @@ def update_rule(rule_id: int) -> ResponseReturnValue:
     return jsonify(with_hint(result))
 
 
-@bp.delete("/rules/<int:rule_id>")
+@bp.delete("/rules/<id:rule_id>")
 @doc("deleteRule", "Delete a rule (usage it recorded stays)", status=204, errors=(401, 403, 404))
 def delete_rule(rule_id: int) -> ResponseReturnValue:
     rule_actions.delete(auth.workspace_id(), rule_id)

@@ -83,7 +83,7 @@ def _series_range(session: Session, ws: int, kana_id: int, feature_id: str,
     return start, end
 
 
-@bp.get("/users/<int:kana_id>/usage")
+@bp.get("/users/<id:kana_id>/usage")
 @doc("getUserUsage", "A user's usage of a feature: total and series", query=UsageQuery, response=UsageOut)
 def user_usage(kana_id: int) -> ResponseReturnValue:
     args = _usage_query(UsageQuery())

@@ -136,7 +136,7 @@ def create_user() -> ResponseReturnValue:
     return jsonify(result), 201, {"Location": url_for("api.get_user", kana_id=result["kana_id"])}
 
 
-@bp.get("/users/<int:kana_id>")
+@bp.get("/users/<id:kana_id>")
 @doc("getUser", "A user with its aliases", response=UserDetail)
 def get_user(kana_id: int) -> ResponseReturnValue:
     ws = auth.workspace_id()
@@ -154,7 +154,7 @@ def merge_users() -> ResponseReturnValue:
     return jsonify(merged.user)
 
 
-@bp.delete("/users/<int:kana_id>")
+@bp.delete("/users/<id:kana_id>")
 @doc("deleteUser", "Delete a user with its events, usage and aliases", status=204)
 def delete_user(kana_id: int) -> ResponseReturnValue:
     user_actions.delete(auth.workspace_id(), [kana_id], trigger="api", actor=auth.actor())

@@ -602,16 +602,19 @@ def admin() -> None:
 @click.option("--email", required=True)
 @click.option("--password", default=None,
               help="Prefer the prompt: a password given here stays in the shell history.")
-def admin_create(workspace_id: int, email: str, password: str | None) -> None:
+@click.option("--operator", is_flag=True, default=False,
+              help="An installation operator: may also open /rq, which shows every workspace's jobs.")
+def admin_create(workspace_id: int, email: str, password: str | None, operator: bool) -> None:
     """Create a dashboard admin of a workspace (prompts for the password unless given)."""
     from kana.domain import accounts
 
     if password is None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     with _session().begin() as s:
-        row = accounts.create_admin(s, workspace_id, email, password)
+        row = accounts.create_admin(s, workspace_id, email, password, operator=operator)
         admin_id, address = row.id, row.email
-    click.echo(f"dashboard admin {admin_id} ({address}) created for workspace {workspace_id}")
+    role = "installation operator" if operator else "dashboard admin"
+    click.echo(f"{role} {admin_id} ({address}) created for workspace {workspace_id}")
 
 
 @admin.command("password")
@@ -619,7 +622,7 @@ def admin_create(workspace_id: int, email: str, password: str | None) -> None:
 @click.option("--email", required=True)
 @click.option("--password", default=None, help="Prefer the prompt (see admin create).")
 def admin_password(workspace_id: int, email: str, password: str | None) -> None:
-    """Set a dashboard admin's password (ends their other sessions)."""
+    """Set a dashboard admin's password (ends every session they have open)."""
     from sqlalchemy import select
 
     from kana.domain import accounts
@@ -636,6 +639,25 @@ def admin_password(workspace_id: int, email: str, password: str | None) -> None:
     click.echo(f"password of {accounts.normal_email(email)} changed")
 
 
+@admin.command("logout")
+@click.option("--workspace", "workspace_id", type=int, required=True)
+@click.option("--email", required=True)
+def admin_logout(workspace_id: int, email: str) -> None:
+    """End every dashboard session of an admin (as their "Log out everywhere" does)."""
+    from sqlalchemy import select
+
+    from kana.domain import accounts
+    from kana.models import DashboardAdmin
+
+    with _session().begin() as s:
+        row = s.scalar(select(DashboardAdmin).where(DashboardAdmin.workspace_id == workspace_id,
+                                                    DashboardAdmin.email == accounts.normal_email(email)))
+        if row is None:
+            raise click.ClickException(f"no dashboard admin {email} in workspace {workspace_id}")
+        ended = accounts.end_sessions(s, row.id)
+    click.echo(f"{ended} session(s) of {accounts.normal_email(email)} ended")
+
+
 @admin.command("list")
 @click.option("--workspace", "workspace_id", type=int, required=True)
 def admin_list(workspace_id: int) -> None:
@@ -649,7 +671,8 @@ def admin_list(workspace_id: int) -> None:
                          .order_by(DashboardAdmin.id))
         for row in rows:
             last = row.last_login_at.isoformat() if row.last_login_at else "never"
-            click.echo(f"{row.id}\t{row.email}\tlast login {last}")
+            role = "\toperator" if row.operator else ""
+            click.echo(f"{row.id}\t{row.email}\tlast login {last}{role}")
 
 
 from kana.cli import plans as _plans  # noqa: E402,F401 - registers `kana plan …` and `kana webhook set`

@@ -1,7 +1,8 @@
 """The operator dashboard (SPEC §8): server-rendered pages behind a login.
 
-Everything under ``/dashboard`` and the mounted rq-dashboard (``/rq``) needs a
-logged-in dashboard admin, who only ever sees their own workspace. Forms carry
+Everything under ``/dashboard`` needs a logged-in dashboard admin, who only
+ever sees their own workspace; the mounted rq-dashboard (``/rq``) shows every
+workspace's jobs and needs an installation operator (``kana.dashboard.rq_mount``). Forms carry
 CSRF tokens (Flask-WTF), checked for this blueprint only: the receiver and the
 JSON API authenticate with API keys, not cookies, so CSRF does not apply there.
 """

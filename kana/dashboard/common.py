@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, abort, flash, g, jsonify, redirect, render_template, request, session, url_for
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    flash,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFProtect
 from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
 from kana import errors
 from kana.db import SessionLocal, read_only
+from kana.domain import accounts
+from kana.domain.ids import MAX_ID, in_id_range
 from kana.errors import KanaError
-from kana.models import DashboardAdmin, Workspace
+from kana.models import DashboardAdmin, DashboardSession, Workspace
+from kana.routing import error_headers
 from kana.serializers import amount
 
 bp = Blueprint(
@@ -48,6 +64,8 @@ class Admin:
     email: str
     workspace_id: int
     workspace_name: str
+    operator: bool = False
+    session_id: int = 0
 
     @property
     def actor(self) -> str:
@@ -55,37 +73,40 @@ class Admin:
         return f"dashboard:{self.email}"
 
 
-def password_stamp(password_hash: str) -> str:
-    """A short fingerprint of the admin's password hash, kept in the session cookie.
-
-    Changing the password changes it, which ends every other session of that
-    admin (a signed cookie cannot otherwise be revoked server-side).
-    """
-    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
-
-
-def log_in(admin: DashboardAdmin) -> None:
+def log_in(db: Session, admin: DashboardAdmin) -> None:
+    """Start a server-side session for ``admin`` (in the caller's transaction) and name it in the cookie."""
+    session_id, nonce = accounts.start_session(db, admin, current_app.permanent_session_lifetime)
     session.clear()  # no fixation: nothing from before the login survives, including the CSRF token
     session.permanent = True
     session["admin_id"] = admin.id
     session["ws"] = admin.workspace_id
-    session["pw"] = password_stamp(admin.password_hash)
+    session["sid"] = session_id
+    session["nonce"] = nonce
 
 
 def current_admin() -> Admin | None:
-    admin_id, ws = session.get("admin_id"), session.get("ws")
-    if not isinstance(admin_id, int) or not isinstance(ws, int):
+    """The admin whose session the cookie names, while that session exists on the server.
+
+    Logging out, "log out everywhere" and a password change delete session rows,
+    so a copy of the cookie stops working at once (the cookie is only signed).
+    """
+    admin_id, ws, sid, nonce = (session.get(k) for k in ("admin_id", "ws", "sid", "nonce"))
+    if not all(isinstance(v, int) for v in (admin_id, ws, sid)) or not isinstance(nonce, str):
+        session.clear()
         return None
     with read_only(SessionLocal()) as s:
         row = s.execute(
             select(DashboardAdmin, Workspace.name)
             .join(Workspace, Workspace.id == DashboardAdmin.workspace_id)
-            .where(DashboardAdmin.id == admin_id, DashboardAdmin.workspace_id == ws)
+            .join(DashboardSession, DashboardSession.admin_id == DashboardAdmin.id)
+            .where(DashboardAdmin.id == admin_id, DashboardAdmin.workspace_id == ws,
+                   DashboardSession.id == sid, DashboardSession.nonce == nonce)
         ).first()
-    if row is None or password_stamp(row[0].password_hash) != session.get("pw"):
+    if row is None:
         session.clear()
         return None
-    return Admin(row[0].id, row[0].email, row[0].workspace_id, row[1])
+    admin = row[0]
+    return Admin(admin.id, admin.email, admin.workspace_id, row[1], admin.operator, sid)
 
 
 def wants_json() -> bool:
@@ -105,6 +126,7 @@ def safe_next(target: str | None) -> str | None:
 @bp.before_request
 def _guard() -> ResponseReturnValue | None:
     csrf.protect()
+    _refuse_nul()
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
     admin = current_admin()
@@ -114,6 +136,15 @@ def _guard() -> ResponseReturnValue | None:
         return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
     g.admin = admin
     return None
+
+
+def _refuse_nul() -> None:
+    """400 for a query or form value holding U+0000, which no PostgreSQL text column can store
+    (one check for every page, rather than a 500 from whichever query meets it first)."""
+    for source in (request.args, request.form):
+        for name, value in source.items(multi=True):
+            if "\x00" in name or "\x00" in value:
+                abort(400, description=f"{name!r} must not contain NUL (\\u0000) characters.")
 
 
 @bp.after_request
@@ -131,8 +162,9 @@ def _headers(response: Response) -> Response:
 @bp.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> ResponseReturnValue:
     if wants_json():
-        return jsonify({"code": (exc.name or "error").lower().replace(" ", "_"), "message": exc.description}), exc.code
-    return render_template("dashboard/error.html", error=exc), exc.code or 500
+        return (jsonify({"code": (exc.name or "error").lower().replace(" ", "_"), "message": exc.description}),
+                exc.code, error_headers(exc))
+    return render_template("dashboard/error.html", error=exc), exc.code or 500, error_headers(exc)
 
 
 @bp.errorhandler(KanaError)
@@ -180,22 +212,29 @@ def back_to(endpoint: str, **values: Any) -> None:
 
 
 def int_arg(name: str, default: int | None = None) -> int | None:
+    """A whole-number query argument (a position in a list: 0..MAX_ID); 400 otherwise."""
     raw = request.args.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         abort(400, description=f"{name} must be a whole number.")
+    if not 0 <= value <= MAX_ID:
+        abort(400, description=f"{name} is out of range.")
+    return value
 
 
 def int_list(values: list[str], name: str = "kana_id") -> list[int]:
     out = []
     for raw in values:
         try:
-            out.append(int(raw))
+            value = int(raw)
         except ValueError:
             abort(400, description=f"{name} must be whole numbers.")
+        if not in_id_range(value):
+            abort(400, description=f"{name} {value} is not an id.")
+        out.append(value)
     return list(dict.fromkeys(out))
 
 

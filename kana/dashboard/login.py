@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from flask import redirect, render_template, request, session, url_for
+import time
+
+from flask import g, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
 
@@ -35,8 +37,9 @@ def login() -> ResponseReturnValue:
             return _form("The workspace ID is a number.", 400)
         workspace_id = int(raw_ws)
     rt = current()
+    client = request.remote_addr or "unknown"
     try:
-        verdict = accounts.count_attempt(rt.redis, request.remote_addr or "unknown", email,
+        verdict = accounts.count_attempt(rt.redis, client, email,
                                          limit=rt.settings.login_attempts, window=rt.settings.login_window)
     except RedisError:
         # Fail closed: without the counter, guessing would be unlimited.
@@ -45,17 +48,19 @@ def login() -> ResponseReturnValue:
         minutes = max(1, round(verdict.retry_after / 60))
         return _form(f"Too many login attempts. Try again in about {minutes} minute{'s' if minutes != 1 else ''}.",
                      429, verdict.retry_after)
+    if verdict.delay:
+        time.sleep(verdict.delay)  # many addresses guessing one email: slowed, never locked out
     try:
         with SessionLocal.begin() as s:
             admin = accounts.authenticate(s, email, password, workspace_id)
             if admin is not None:
-                log_in(admin)
+                log_in(s, admin)
     except accounts.AmbiguousLogin:
         return _form("This email administers several workspaces: enter the workspace ID too.", 400)
     if admin is None:
         return _form("Wrong email or password.", 401)
     try:
-        accounts.forget_attempts(rt.redis, email)
+        accounts.forget_attempts(rt.redis, client, email)
     except RedisError:
         pass  # the count expires with its window anyway
     return redirect(safe_next(request.form.get("next")) or url_for("dashboard.overview"))
@@ -63,5 +68,17 @@ def login() -> ResponseReturnValue:
 
 @bp.post("/logout")
 def logout() -> ResponseReturnValue:
+    """End this session on the server too: a copy of the cookie no longer logs in."""
+    with SessionLocal.begin() as s:
+        accounts.end_session(s, g.admin.session_id)
+    session.clear()
+    return redirect(url_for("dashboard.login"))
+
+
+@bp.post("/logout/everywhere")
+def logout_everywhere() -> ResponseReturnValue:
+    """End every session of this admin (other browsers, other devices, a lost laptop)."""
+    with SessionLocal.begin() as s:
+        accounts.end_sessions(s, g.admin.id)
     session.clear()
     return redirect(url_for("dashboard.login"))

@@ -213,14 +213,14 @@ def _rule_or_404(session: Any, rule_id: int) -> Rule:
     return rules.get_rule(session, ws(), rule_id)  # RuleNotFound: the 404 page
 
 
-@bp.get("/rules/<int:rule_id>")
+@bp.get("/rules/<id:rule_id>")
 def edit_rule(rule_id: int) -> ResponseReturnValue:
     with SessionLocal() as s:
         rule = _rule_or_404(s, rule_id)
     return _rule_form(rule)
 
 
-@bp.post("/rules/<int:rule_id>")
+@bp.post("/rules/<id:rule_id>")
 def update_rule(rule_id: int) -> ResponseReturnValue:
     with SessionLocal() as s:
         rule = _rule_or_404(s, rule_id)
@@ -235,7 +235,7 @@ def update_rule(rule_id: int) -> ResponseReturnValue:
     return _reprocess_redirect("dashboard.rules_page", saved)
 
 
-@bp.post("/rules/<int:rule_id>/delete")
+@bp.post("/rules/<id:rule_id>/delete")
 def delete_rule(rule_id: int) -> ResponseReturnValue:
     rule_actions.delete(ws(), rule_id)
     notice(f"Rule {rule_id} deleted (usage it recorded stays in the ledger).")

@@ -103,7 +103,7 @@ def import_summary(body: dict[str, Any]) -> str:
 REPORT_ROWS_SHOWN = 200
 
 
-@bp.get("/csv/imports/<int:import_id>")
+@bp.get("/csv/imports/<id:import_id>")
 def csv_import_page(import_id: int) -> ResponseReturnValue:
     with SessionLocal() as s:
         imp = _import_or_404(s, import_id)
@@ -115,7 +115,7 @@ def csv_import_page(import_id: int) -> ResponseReturnValue:
                            done=body["status"] in ("finished", "failed"))
 
 
-@bp.get("/csv/imports/<int:import_id>/report.csv")
+@bp.get("/csv/imports/<id:import_id>/report.csv")
 def csv_import_report(import_id: int) -> ResponseReturnValue:
     """The whole line-numbered report as CSV (line, status, kana_id, what happened)."""
     with SessionLocal() as s:
@@ -131,7 +131,7 @@ def csv_import_report(import_id: int) -> ResponseReturnValue:
                     headers={"Content-Disposition": f'attachment; filename="import-{import_id}-report.csv"'})
 
 
-@bp.get("/csv/imports/<int:import_id>.json")
+@bp.get("/csv/imports/<id:import_id>.json")
 def csv_import_json(import_id: int) -> ResponseReturnValue:
     with read_only(SessionLocal()) as s:
         body = csvfile.import_json(_import_or_404(s, import_id), report=False)
@@ -164,7 +164,7 @@ def dead_letters() -> ResponseReturnValue:
     return render_template("dashboard/dead_letters.html", rows=rows, older=older, paged=before is not None)
 
 
-@bp.post("/events/failed/<int:dead_letter_id>/retry")
+@bp.post("/events/failed/<id:dead_letter_id>/retry")
 def retry_dead_letter(dead_letter_id: int) -> ResponseReturnValue:
     """Put a failed call back on its partition queue, as ``POST /api/v1/events/failed/{id}/retry`` does."""
     back_to("dashboard.dead_letters")
@@ -204,14 +204,14 @@ def _key_or_404(session: Any, key_id: int) -> Any:
     return row
 
 
-@bp.get("/keys/<int:key_id>/revoke")
+@bp.get("/keys/<id:key_id>/revoke")
 def revoke_key_confirm(key_id: int) -> ResponseReturnValue:
     with SessionLocal() as s:
         row = _key_or_404(s, key_id)
     return render_template("dashboard/key_revoke.html", row=row)
 
 
-@bp.post("/keys/<int:key_id>/revoke")
+@bp.post("/keys/<id:key_id>/revoke")
 def revoke_key(key_id: int) -> ResponseReturnValue:
     key_actions.revoke(ws(), key_id, redis=current().redis)
     notice(f"API key {key_id} revoked.")

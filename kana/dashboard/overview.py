@@ -8,6 +8,7 @@ from typing import Any
 from flask import abort, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from redis.exceptions import RedisError
+from rq.job import Job
 from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session
 
@@ -105,6 +106,10 @@ def job_state(job_id: str) -> dict[str, Any] | None:
                 "error": "The job queue (Redis) is unreachable."}
     if job is None:
         return None
+    return job_state_of(job)
+
+
+def job_state_of(job: Job) -> dict[str, Any]:
     state = jobstate.describe(job)
     state["summary"] = job_summary(state)
     return state
@@ -139,7 +144,18 @@ def job_summary(state: dict[str, Any]) -> str:
     return "Finished." if done else "Running…"
 
 
-@bp.get("/jobs/<job_id>.json")
+@bp.get("/jobs")
+def jobs() -> ResponseReturnValue:
+    """This workspace's recent background jobs (the installation-wide queues are /rq, for operators)."""
+    try:
+        states = [job_state_of(job) for job in jobstate.workspace_jobs(current().queue, ws())]
+        error = None
+    except RedisError:
+        states, error = [], "The job queue (Redis) is unreachable; the list shows again when it is back."
+    return render_template("dashboard/jobs.html", jobs=states, error=error)
+
+
+@bp.get("/jobs/<job:job_id>.json")
 def job_json(job_id: str) -> ResponseReturnValue:
     state = job_state(job_id)
     if state is None:

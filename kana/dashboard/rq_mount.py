@@ -1,4 +1,4 @@
-"""rq-dashboard mounted at ``/rq``, behind the dashboard's login.
+"""rq-dashboard mounted at ``/rq``, behind the dashboard's login, for installation operators only.
 
 rq-dashboard ships a blueprint with no authentication of its own, and a
 ``before_request`` hook that opens a Redis connection from a URL on every
@@ -8,7 +8,8 @@ an ``Origin`` header a cross-site form cannot fake), and the app's own
 (lazily connected) Redis, which also works for the embedded unix-socket server.
 
 The RQ queues are shared by every workspace of the installation, so what
-``/rq`` shows is installation-wide; deleting jobs and emptying queues is off
+``/rq`` shows is installation-wide: only admins marked ``operator`` (by the CLI,
+``kana admin create --operator``) may open it, others get a 403; deleting jobs and emptying queues is off
 (``RQ_DASHBOARD_DISABLE_DELETE``): it is a monitor, not a way to drop other
 workspaces' work.
 """
@@ -49,6 +50,10 @@ def _guard() -> ResponseReturnValue | None:
     if admin is None:
         return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
     g.admin = admin
+    if not admin.operator:
+        # The queues hold every workspace's jobs (names, arguments, results): a workspace
+        # admin sees their own in the dashboard's Jobs page instead.
+        abort(403, description="/rq is for installation operators; your workspace's jobs are under Jobs.")
     if request.method != "GET" and not _same_origin():
         abort(403, description="Cross-site request refused.")
     if request.endpoint == "rq_dashboard.requeue_all" and request.method == "GET":

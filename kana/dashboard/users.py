@@ -135,7 +135,7 @@ def _timeline_cursor(raw: str | None) -> tuple[datetime, int] | None:
         abort(400, description="Invalid timeline position.")
 
 
-@bp.get("/users/<int:kana_id>")
+@bp.get("/users/<id:kana_id>")
 def user(kana_id: int) -> ResponseReturnValue:
     workspace_id = ws()
     window = request.args.get("window", "day")

@@ -11,7 +11,7 @@ The cache, per workspace, under a generation number ``g`` (``kana:ent:{ws}:gen``
 Workers write the totals of the (user, feature) pairs a chunk touched, as absolute
 values read in the chunk's transaction, after it commits (so a retried chunk writes
 the same numbers). Anything else that changes who a user is, a plan, or usage in
-bulk (merges, deletes, reprocessing, plan changes) calls ``touch``: after its commit
+bulk (merges, deletes, reprocessing, plan changes) calls ``counters.touch``: after its commit
 the generation moves on and the whole workspace's cache refills from PostgreSQL
 on the next checks. A generation is always read before the database, so a refill
 racing a change can only write under a generation nobody reads any more.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -32,27 +32,20 @@ from typing import Any
 from redis import Redis
 from redis.commands.core import Script
 from redis.exceptions import RedisError
-from sqlalchemy import and_, event, func, insert, select
+from sqlalchemy import and_, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from kana.db import read_only
-from kana.domain import identity, ledger
+from kana.domain import counters, identity, ledger
 from kana.models import Alert, Feature, PlanFeature, Usage, User, WebhookDelivery, Workspace
 from kana.serializers import amount
 
 log = logging.getLogger(__name__)
 
-PREFIX = "kana:ent"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Cache entries outlive any period they describe, and go eventually even if a
-# generation is abandoned.
-TTL = 40 * 24 * 3600
 ALERT_TYPE = "usage.threshold_crossed"
 
-_DIRTY = "kana.entitlements.dirty"
-_COUNTERS = "kana.entitlements.counters"
-_DELIVERIES = "kana.entitlements.deliveries"
 
 
 # --- periods ---------------------------------------------------------------
@@ -171,14 +164,6 @@ def check_db(session: Session, workspace_id: int, user_id: str, feature_id: str,
 # --- Redis side ------------------------------------------------------------------
 
 
-def _gen_key(workspace_id: int) -> str:
-    return f"{PREFIX}:{workspace_id}:gen"
-
-
-def _base(workspace_id: int, gen: str | bytes) -> str:
-    return f"{PREFIX}:{workspace_id}:{gen.decode() if isinstance(gen, bytes) else gen}"
-
-
 def _encode(ent: Entitlement) -> str:
     limit = "" if ent.limit is None else str(ent.limit)
     return f"{ent.period[0]}|{ent.type}|{limit}|{int(ent.overage)}"
@@ -220,10 +205,6 @@ def _lookup(redis: Redis) -> Script:
     return redis.register_script(_LOOKUP)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def check(redis: Redis, sessions: sessionmaker, workspace_id: int, user_id: str, feature_id: str,
           delta: Decimal = Decimal(1), now: datetime | None = None) -> dict[str, Any]:
     """canUseFeature: from Redis when warm (no database query); PostgreSQL on a miss, then refilled."""
@@ -235,16 +216,16 @@ def check(redis: Redis, sessions: sessionmaker, workspace_id: int, user_id: str,
         # Checks keep answering, exactly, from PostgreSQL while Redis is away.
         log.warning("entitlement cache unreachable, answering from the database: %s", exc)
         found = [None]
-    gen = _text(found[0]) if found[0] is not None else None
+    gen = counters.text(found[0]) if found[0] is not None else None
     if len(found) >= 3:
         if not found[2]:
             return answer(None, Decimal(0), delta, now, "not_in_plan")
-        ent = _decode(feature_id, _text(found[2]))
+        ent = _decode(feature_id, counters.text(found[2]))
         if ent.type != "consumable":
             return answer(ent, Decimal(0), delta, now)
         if len(found) == 4:
-            return answer(ent, Decimal(_text(found[3])), delta, now)
-    elif len(found) == 2 and _text(found[1]).endswith("|"):
+            return answer(ent, Decimal(counters.text(found[3])), delta, now)
+    elif len(found) == 2 and counters.text(found[1]).endswith("|"):
         return answer(None, Decimal(0), delta, now, "no_plan")
     with read_only(sessions()) as session:
         body, read = check_db(session, workspace_id, user_id, feature_id, delta, now)
@@ -259,29 +240,24 @@ def check(redis: Redis, sessions: sessionmaker, workspace_id: int, user_id: str,
 def _refill(redis: Redis, workspace_id: int, gen: str, user_id: str, read: dict[str, Any]) -> None:
     if not read:
         return  # unknown users are not cached: the event creating one would have to evict it
-    base = _base(workspace_id, gen)
+    base = counters.base(workspace_id, gen)
     pipe = redis.pipeline(transaction=False)
-    pipe.set(f"{base}:id:{user_id}", read["ident"], ex=TTL)
+    pipe.set(f"{base}:id:{user_id}", read["ident"], ex=counters.TTL)
     if "plan" in read:
         plan_id, ents = read["plan"]
         key = f"{base}:plan:{plan_id}"
         pipe.hset(key, mapping={"_": "1", **{fid: _encode(ent) for fid, ent in ents.items()}})
-        pipe.expire(key, TTL)
+        pipe.expire(key, counters.TTL)
     if "used" in read:
         kana_id, field, total = read["used"]
         key = f"{base}:used:{kana_id}"
         # Never over a worker's value: it was read after ours.
         pipe.hsetnx(key, field, str(total))
-        pipe.expire(key, TTL)
+        pipe.expire(key, counters.TTL)
     pipe.execute()
 
 
 # --- after a chunk: counters and alerts ------------------------------------------------
-
-
-def touch(session: Session, workspace_id: int) -> None:
-    """The workspace's cached identities, plans or totals change with this transaction."""
-    session.info.setdefault(_DIRTY, set()).add(workspace_id)
 
 
 def idempotency_key(workspace_id: int, kana_id: int, feature_id: str, threshold: int, period_start: datetime) -> str:
@@ -319,7 +295,7 @@ def after_usage(session: Session, workspace_id: int, pairs: Iterable[tuple[int, 
     ).all() if (r.kana_id, r.PlanFeature.feature_id) in pairs]
     if not rows:
         return 0
-    gen = _generation(workspace_id)
+    gen = counters.generation(workspace_id)
     totals: dict[tuple[int, str], Decimal] = {}
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for row in rows:
@@ -339,11 +315,10 @@ def after_usage(session: Session, workspace_id: int, pairs: Iterable[tuple[int, 
         for row in group:
             totals[(row.kana_id, feature_id)] = sums.get(row.kana_id, Decimal(0))
     if gen is not None:
-        counters = session.info.setdefault(_COUNTERS, [])
         for row in rows:
             pair = (row.kana_id, row.PlanFeature.feature_id)
-            counters.append((workspace_id, gen, row.kana_id,
-                             f"{pair[1]}|{period_key(row.PlanFeature.period, now)}", str(totals[pair])))
+            counters.add_total(session, workspace_id, gen, row.kana_id,
+                               f"{pair[1]}|{period_key(row.PlanFeature.period, now)}", str(totals[pair]))
     return _alerts(session, workspace_id, rows, totals, now)
 
 
@@ -390,65 +365,7 @@ def _alerts(session: Session, workspace_id: int, rows: list, totals: dict[tuple[
                                    next_attempt_at=now, created_at=now)
         session.add(delivery)
         session.flush()
-        session.info.setdefault(_DELIVERIES, []).append(delivery.id)
+        counters.add_delivery(session, delivery.id)
     return len(created)
 
-
-# --- after commit ---------------------------------------------------------------------
-
-_redis: Callable[[], Redis] | None = None
-_enqueue: Callable[[list[int]], None] | None = None
-
-
-def _generation(workspace_id: int) -> str | None:
-    """The cache generation, read before the totals (see the module doc); None without Redis."""
-    if _redis is None:
-        return None
-    try:
-        value = _redis().get(_gen_key(workspace_id))
-    except RedisError as exc:
-        log.warning("entitlement cache generation unreadable: %s", exc)
-        return None
-    return _text(value) if value is not None else "0"
-
-
-def _after_commit(session: Session) -> None:
-    dirty = session.info.pop(_DIRTY, None)
-    counters = session.info.pop(_COUNTERS, None)
-    deliveries = session.info.pop(_DELIVERIES, None)
-    if _redis is None or not (dirty or counters or deliveries):
-        return  # most commits: no Redis connection needed
-    try:
-        redis = _redis()
-        pipe = redis.pipeline(transaction=False)
-        for workspace_id, gen, kana_id, field, total in counters or ():
-            key = f"{_base(workspace_id, gen)}:used:{kana_id}"
-            pipe.hset(key, field, total)
-            pipe.expire(key, TTL)
-        for workspace_id in sorted(dirty or ()):
-            pipe.incr(_gen_key(workspace_id))
-        pipe.execute()
-    except RedisError as exc:
-        # Checks may lag until the pair's next write; the commit stands.
-        log.warning("entitlement cache not updated after commit: %s", exc)
-    if deliveries and _enqueue is not None:
-        try:
-            _enqueue(deliveries)
-        except RedisError as exc:
-            # The rows are committed and due: the scheduler's sweep queues them.
-            log.warning("webhook deliveries %s not queued: %s", deliveries, exc)
-
-
-def _after_rollback(session: Session) -> None:
-    for key in (_DIRTY, _COUNTERS, _DELIVERIES):
-        session.info.pop(key, None)
-
-
-def install(sessions: sessionmaker, redis: Callable[[], Redis], enqueue: Callable[[list[int]], None]) -> None:
-    """Keep the cache and webhook queue in step with commits made through ``sessions`` (once per process)."""
-    global _redis, _enqueue
-    _redis, _enqueue = redis, enqueue
-    if not event.contains(sessions, "after_commit", _after_commit):
-        event.listen(sessions, "after_commit", _after_commit)
-        event.listen(sessions, "after_rollback", _after_rollback)
 

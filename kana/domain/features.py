@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kana.domain import entitlements, rules
+from kana.domain import counters, rules
 from kana.errors import Conflict, KanaError, NotFound
 from kana.models import Event, Feature, PlanFeature, Usage
 
@@ -113,7 +113,7 @@ def update_feature(
         feature.name = check_name(name)
     if type is not None:
         feature.type = check_type(type)
-        entitlements.touch(session, workspace_id)  # checks answer by the feature's type
+        counters.touch(session, workspace_id)  # checks answer by the feature's type
     session.flush()
     return feature
 
@@ -150,7 +150,7 @@ def delete_feature(session: Session, workspace_id: int, feature_id: str, *, forc
     if plans:
         session.execute(delete(PlanFeature).where(PlanFeature.workspace_id == workspace_id,
                                                   PlanFeature.feature_id == feature_id))
-        entitlements.touch(session, workspace_id)
+        counters.touch(session, workspace_id)
     if used:
         event_ids = select(Usage.event_id).where(Usage.workspace_id == workspace_id, Usage.feature_id == feature_id)
         session.execute(
@@ -164,6 +164,6 @@ def delete_feature(session: Session, workspace_id: int, feature_id: str, *, forc
             .where(Usage.workspace_id == workspace_id, Usage.feature_id == feature_id)
             .execution_options(synchronize_session=False)
         )
-        entitlements.touch(session, workspace_id)
+        counters.touch(session, workspace_id)
     session.delete(feature)
     session.flush()

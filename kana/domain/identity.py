@@ -18,7 +18,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from kana import errors
-from kana.domain import entitlements
+from kana.domain import counters
 from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
 
 # Fields a merge fills from the merged-away users when the survivor lacks them.
@@ -412,7 +412,7 @@ def merge(
         )
     )
     session.flush()
-    entitlements.touch(session, workspace_id)
+    counters.touch(session, workspace_id)
     return survivor
 
 
@@ -434,7 +434,7 @@ def alias(directory: Directory, previous_id: str, user_id: str, *, at: datetime 
             session.add(Alias(workspace_id=ws, alias=old, kana_id=previous.kana_id))
         user, result = previous, "renamed"
         directory.clear()
-        entitlements.touch(session, ws)
+        counters.touch(session, ws)
     elif previous is not None and current is not None and previous is not current:
         if billing_conflict(previous.billing_id, current.billing_id):
             result = "billing_conflict"
@@ -515,7 +515,7 @@ def delete_users(
         )
     )
     session.flush()
-    entitlements.touch(session, workspace_id)
+    counters.touch(session, workspace_id)
     return len(users)
 
 

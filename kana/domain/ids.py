@@ -27,3 +27,6 @@ def user_id_problem(value: str) -> str | None:
 def in_id_range(value: int) -> bool:
     """A positive id that fits a BIGINT primary key."""
     return 0 < value <= MAX_ID
+
+# A background job id as RQ accepts it (its JOB_ID_PATTERN), bounded: ours are uuid4 strings.
+JOB_ID = r"[A-Za-z0-9_-]{1,128}"

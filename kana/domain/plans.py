@@ -1,7 +1,7 @@
 """Plans (SPEC §11): bundles of feature entitlements, and which plan a user is on.
 
 Every change here marks the workspace's entitlement cache stale
-(``entitlements.touch``): the next check after the commit reads the new plan.
+(``counters.touch``): the next check after the commit reads the new plan.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from kana.domain import entitlements, features
+from kana.domain import counters, entitlements, features
 from kana.domain.usage import to_delta
 from kana.models import Feature, Plan, PlanFeature, User, utcnow
 
@@ -156,7 +156,7 @@ def create_plan(session: Session, workspace_id: int, data: dict[str, Any]) -> Pl
     session.add(plan)
     _replace_features(session, workspace_id, plan_id, rows)
     session.flush()
-    entitlements.touch(session, workspace_id)
+    counters.touch(session, workspace_id)
     return plan
 
 
@@ -171,7 +171,7 @@ def update_plan(session: Session, workspace_id: int, plan_id: str, data: dict[st
         _replace_features(session, workspace_id, plan_id, _feature_rows(session, workspace_id, data["features"]))
     plan.updated_at = utcnow()
     session.flush()
-    entitlements.touch(session, workspace_id)
+    counters.touch(session, workspace_id)
     return plan
 
 
@@ -184,5 +184,5 @@ def assign(session: Session, workspace_id: int, kana_id: int, plan_id: str | Non
         return None
     user.plan_id = plan_id
     session.flush()
-    entitlements.touch(session, workspace_id)
+    counters.touch(session, workspace_id)
     return user

@@ -44,7 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from kana.domain import entitlements, rules, usage
+from kana.domain import counters, rules, usage
 from kana.models import Event, Usage, utcnow
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def reprocess_chunk(session: Session, workspace_id: int, *, after: int = 0, limi
         mapped = (_claim_postgres if postgres else _claim)(session, workspace_id, matched)
     if mapped:
         # New usage for many users at once: the cached totals refill from the ledger.
-        entitlements.touch(session, workspace_id)
+        counters.touch(session, workspace_id)
     if reasons:
         # Rare: a reason changed (e.g. a rule now names an amount property these events lack).
         if postgres:

@@ -183,8 +183,10 @@ def validate_rule(data: object, *, partial: bool = False) -> dict[str, Any]:
     """Validated rule fields; ``RuleError`` names each offending field."""
     if not isinstance(data, dict):
         raise RuleError({"_schema": ["the rule must be a JSON object"]})
+    # A partial update may leave out rule fields, never a condition's: partial names the
+    # top-level fields only (partial=True would reach into each condition too).
     try:
-        return RULE_SCHEMA.load(data, partial=partial)
+        return RULE_SCHEMA.load(data, partial=tuple(RULE_SCHEMA.fields) if partial else False)
     except ValidationError as exc:
         raise RuleError(flatten(exc.messages)) from exc
 

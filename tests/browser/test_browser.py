@@ -19,10 +19,11 @@ from sqlalchemy import func, select
 from kana.db import SessionLocal, read_only
 from kana.domain import accounts, identity
 from kana.models import Audit, Event, User
+from tests.conftest import ROOT
 from tests.helpers import make_user
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "screenshots"
+SHOTS = ROOT / "test-artifacts" / "screenshots"
 PASSWORD = "correct horse battery staple"
 T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
 
@@ -73,10 +74,11 @@ class Operator:
 
 @pytest.fixture
 def operator(workspace) -> Operator:
-    """A dashboard admin of a fresh workspace (one email per test: the database outlives tests)."""
+    """A dashboard admin of a fresh workspace who is also an installation operator (may open /rq;
+    one email per test: the database outlives tests)."""
     email = f"operator-{uuid.uuid4().hex[:8]}@acme.test"
     with SessionLocal.begin() as s:
-        accounts.create_admin(s, workspace.id, email, PASSWORD)
+        accounts.create_admin(s, workspace.id, email, PASSWORD, operator=True)
     return Operator(workspace.id, workspace.headers, email)
 
 
@@ -331,7 +333,7 @@ def test_tour_of_the_main_pages(page, operator, worker, live_server):
     pages = {
         "users": "/dashboard/users", "user": f"/dashboard/users/{dana}", "csv": "/dashboard/csv",
         "rules": "/dashboard/rules", "dead-letters": "/dashboard/events/failed", "keys": "/dashboard/keys",
-        "settings": "/dashboard/settings", "rq": "/rq/",
+        "settings": "/dashboard/settings", "jobs": "/dashboard/jobs", "rq": "/rq/",
     }
     for name, path in pages.items():
         resp = page.goto(path)

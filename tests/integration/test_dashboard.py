@@ -14,16 +14,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import func, select
 
 from kana.cli import main as cli
-from kana.dashboard import charts, timeline
 from kana.db import SessionLocal
 from kana.domain import accounts, flags, identity, rules
 from kana.ingest import spool
 from kana.models import ApiKey, Audit, DashboardAdmin, DeadLetter, Event, Feature, User, Workspace
+from tests.conftest import worker_env
 from tests.fakes import fake_stripe, worker_settings  # noqa: F401 - fixtures
 from tests.helpers import make_user
+from tests.unit.test_dashboard import T0
 
 PASSWORD = "correct horse battery staple"
-T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+
 
 # Every page and JSON endpoint a logged-out visitor might try (GET).
 PAGES = [
@@ -34,10 +35,9 @@ PAGES = [
     "/dashboard/events/failed", "/dashboard/keys", "/dashboard/keys/1/revoke", "/dashboard/settings",
     "/rq/", "/rq/0/view/workers", "/rq/0/data/queues.json", "/rq/0/data/workers.json",
 ]
+
+
 JSON_ENDPOINTS = ["/dashboard/jobs/abc.json", "/dashboard/csv/imports/1.json"]
-
-
-# --- helpers -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -97,9 +97,6 @@ def post(client, path: str, data: dict | None = None, token_from: str = "/dashbo
 
 def text(resp) -> str:
     return resp.get_data(as_text=True)
-
-
-# --- access ------------------------------------------------------------------------------
 
 
 def test_root_redirects_to_the_dashboard(client):
@@ -177,7 +174,7 @@ def test_login_attempts_are_rate_limited(client, runtime, admin):
 
 
 def test_rate_limit_counts_per_address_across_emails(client, runtime, admin):
-    limit = runtime.settings.login_attempts
+    limit = runtime.settings.login_attempts * accounts.ADDRESS_FACTOR
     for i in range(limit):
         log_in(client, f"guess{i}@acme.test", "whatever password")
     assert log_in(client, admin.email).status_code == 429
@@ -205,7 +202,7 @@ def test_changing_the_password_ends_sessions(client, browser, admin):
 
 def test_admin_cli(settings, workspace):
     runner = CliRunner()
-    env = {"DATABASE_URL": settings.database_url}
+    env = worker_env(settings)
     ok = runner.invoke(cli, ["admin", "create", "--workspace", str(workspace.id), "--email", "Cli@Acme.test",
                              "--password", PASSWORD], env=env)
     assert ok.exit_code == 0, ok.output
@@ -225,9 +222,6 @@ def test_admin_cli(settings, workspace):
         row = s.scalar(select(DashboardAdmin).where(DashboardAdmin.email == "cli@acme.test"))
         assert accounts.authenticate(s, "cli@acme.test", PASSWORD, workspace.id) is not None
         assert row.workspace_id == workspace.id
-
-
-# --- CSRF -------------------------------------------------------------------------------
 
 
 def test_forms_without_a_csrf_token_are_refused(browser, workspace):
@@ -255,7 +249,10 @@ def test_receiver_and_json_api_need_no_csrf_token(browser, admin):
     assert resp.status_code == 201, text(resp)
 
 
-def test_rq_dashboard_is_behind_the_login_and_refuses_cross_site_posts(browser, client):
+def test_rq_dashboard_is_behind_the_login_and_refuses_cross_site_posts(browser, client, admin):
+    assert browser.get("/rq/").status_code == 403  # a workspace admin: not an installation operator
+    with SessionLocal.begin() as s:
+        s.scalar(select(DashboardAdmin).where(DashboardAdmin.email == admin.email)).operator = True
     page = browser.get("/rq/")
     assert page.status_code == 200 and "RQ" in text(page)
     assert browser.get("/rq/0/data/queues.json").status_code == 200
@@ -268,9 +265,6 @@ def test_rq_dashboard_is_behind_the_login_and_refuses_cross_site_posts(browser, 
     # Deleting jobs and emptying the shared queues is switched off.
     emptied = browser.post("/rq/queue/kana/queued/empty", headers={"Origin": "http://localhost"})
     assert emptied.get_json() == {"status": "DISABLED"}
-
-
-# --- escaping and headers -------------------------------------------------------------------
 
 
 def test_user_supplied_strings_are_escaped(browser, workspace, work):
@@ -296,9 +290,6 @@ def test_pages_send_a_strict_content_security_policy(browser):
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
     assert resp.headers["X-Frame-Options"] == "DENY"
     assert resp.headers["Cache-Control"] == "no-store"
-
-
-# --- workspace isolation ---------------------------------------------------------------------
 
 
 def test_an_admin_sees_and_changes_only_their_workspace(browser, admin, new_workspace):
@@ -349,9 +340,6 @@ def test_jobs_and_imports_of_another_workspace_are_not_found(browser, new_worksp
         import_id = csvfile.create_import(s, other.id, "theirs.csv").id
     assert browser.get(f"/dashboard/csv/imports/{import_id}").status_code == 404
     assert browser.get(f"/dashboard/csv/imports/{import_id}.json").status_code == 404
-
-
-# --- overview, users, merge, delete ---------------------------------------------------------
 
 
 def test_overview_shows_flag_counts_and_refresh(browser, admin, work):
@@ -522,9 +510,6 @@ def test_user_page_usage_chart_and_sessions(browser, admin, work):
     assert "Usage of exports per day" in page
     hourly = text(browser.get(f"/dashboard/users/{kana_id}?feature=exports&window=hour"))
     assert hourly.count('<rect class="bar') == 48
-
-
-# --- features, rules, events, keys, settings ------------------------------------------------
 
 
 def test_rule_creation_reprocesses_stored_unmapped_events(browser, admin, work):
@@ -699,27 +684,3 @@ def test_csv_export_streams_the_flagged_users(browser, admin):
     assert "'=cmd" in body  # formula injection defused by csvio
 
 
-# --- pure helpers -------------------------------------------------------------------------
-
-
-def test_sessions_split_after_thirty_quiet_minutes():
-    def ev(minutes: int) -> Event:
-        return Event(timestamp=T0 + timedelta(minutes=minutes))
-
-    events = [ev(m) for m in (200, 190, 161, 130, 100, 0)]  # newest first
-    groups = timeline.sessions(events)
-    sizes = [len(g.events) for g in groups]
-    assert sizes == [3, 2, 1]  # 161→130 is 31 minutes: a new session; 130→100 is exactly 30: same session
-    assert groups[0].start == T0 + timedelta(minutes=161) and groups[0].end == T0 + timedelta(minutes=200)
-    assert timeline.sessions([]) == []
-
-
-def test_chart_layout_scales_to_a_nice_maximum():
-    chart = charts.bar_chart([("a", 0), ("b", 7), ("c", 3.5)], width=320, height=120)
-    assert [t.label for t in chart.ticks] == ["0", "5", "10"]
-    heights = [b.height for b in chart.bars]
-    assert heights[0] == 0 and heights[1] == pytest.approx(2 * heights[2])
-    assert not chart.empty and charts.bar_chart([("a", 0)]).empty
-    negative = charts.bar_chart([("a", -2), ("b", 4)])
-    assert negative.bars[0].y >= negative.bars[1].y + negative.bars[1].height - 0.01
-    assert charts.nice_ceiling(0.3) == pytest.approx(0.5) and charts.nice_ceiling(101) == 200

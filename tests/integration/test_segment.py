@@ -21,7 +21,7 @@ from kana.db import SessionLocal, read_only
 from kana.ingest import spool
 from kana.models import Event, User, Workspace
 from tests.fixtures import segment as fixtures
-from tests.test_dashboard import admin, browser, post, text  # noqa: F401 - fixtures
+from tests.integration.test_dashboard import admin, browser, post, text  # noqa: F401 - fixtures
 
 SECRET = "whsec-Segment-shared-secret"
 

@@ -22,7 +22,7 @@ import requests
 
 from tests.conftest import ROOT
 from tests.helpers import wait_until
-from tests.test_faults import free_port
+from tests.integration.test_faults import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="runs the banner's curl calls")
 

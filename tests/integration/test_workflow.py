@@ -18,6 +18,7 @@ from sqlalchemy import select
 from kana.cli import main as cli
 from kana.db import SessionLocal
 from kana.models import Audit
+from tests.conftest import worker_env
 from tests.fakes import fake_stripe, worker_settings  # noqa: F401 - fixtures
 
 
@@ -140,7 +141,7 @@ def test_operator_merge_and_delete_from_the_cli(client, settings, workspace, wor
     identify(client, ws, "c", "m3")
     work()
     ids = {u["user_id"]: u["kana_id"] for u in get_users(client, ws)}
-    env = {"DATABASE_URL": settings.database_url}
+    env = worker_env(settings)
     runner = CliRunner()
     result = runner.invoke(cli, ["users", "merge", "--workspace", str(ws.id), str(ids["b"]), str(ids["a"])], env=env)
     assert result.exit_code == 0, result.output

@@ -13,6 +13,7 @@ from kana.cli import main as cli
 from kana.db import SessionLocal, get_engine
 from kana.domain import flags, identity
 from kana.models import FlagRefresh, User, UserFlag
+from tests.conftest import worker_env
 from tests.helpers import add_user
 
 
@@ -246,7 +247,7 @@ def test_cron_registers_the_refresh_at_the_configured_interval(redis, monkeypatc
 def test_cli_flags_refresh(settings, workspace):
     with SessionLocal.begin() as s:
         add_user(s, workspace.id, user_id="a")
-    env = {"DATABASE_URL": settings.database_url}
+    env = worker_env(settings)
     result = CliRunner().invoke(cli, ["flags", "refresh", "--workspace", str(workspace.id)], env=env)
     assert result.exit_code == 0, result.output
     assert '"missing_billing_id": 1' in result.output
