@@ -18,3 +18,16 @@ def write_report(kind: str, report: dict[str, Any], out: str | Path | None = Non
     path.write_text(json.dumps(report, indent=2, default=str))
     print(f"report: {path}")
     return path
+
+
+def postgres(name: str):  # noqa: ANN201 - config.Settings, imported lazily like the scripts do
+    """Settings of a benchmark that needs PostgreSQL, its schema migrated and the engine bound; exits otherwise."""
+    import config
+    from kana import db, migrate
+
+    settings = config.load()
+    if not settings.database_url.startswith("postgresql"):
+        raise SystemExit(f"{name} needs PostgreSQL: set DATABASE_URL")
+    migrate.upgrade(settings.database_url)
+    db.configure(settings.database_url)
+    return settings

@@ -29,10 +29,11 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+import bench
 import config
 from bench import write_report
 from bench.flags import load_users
-from kana import db, migrate
+from kana import db
 from kana.domain import keys
 from kana.imports import csvfile
 
@@ -98,12 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_child is not None:
         print(json.dumps(export_child(args.export_child)))
         return 0
-    settings = config.load()
-    if not settings.database_url.startswith("postgresql"):
-        print("DATABASE_URL must name a PostgreSQL database", file=sys.stderr)
-        return 2
-    migrate.upgrade(settings.database_url)
-    engine = db.configure(settings.database_url)
+    bench.postgres("bench.csv")
+    engine = db.get_engine()
     stamp = int(time.time())
 
     exports = {}

@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import text
 
-import config
+import bench
 from bench import write_report
-from kana import db, migrate
+from kana import db
 from kana.domain import flags, keys
 from kana.models import FlagRefresh
 
@@ -75,12 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--other", type=int, default=200_000, help="users of a second workspace")
     args = parser.parse_args(argv)
-    settings = config.load()
-    if not settings.database_url.startswith("postgresql"):
-        print("DATABASE_URL must name a PostgreSQL database", file=sys.stderr)
-        return 2
-    migrate.upgrade(settings.database_url)
-    engine = db.configure(settings.database_url)
+    bench.postgres("bench.flags")
+    engine = db.get_engine()
     with db.SessionLocal.begin() as s:
         ws, _ = keys.create_workspace(s, f"bench-flags-{int(time.time())}")
         other, _ = keys.create_workspace(s, "bench-flags-neighbour")

@@ -154,7 +154,8 @@ def check(session_factory: sessionmaker, events: int, users: int, *, fresh: bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    import config
+    import bench
+import config
     from bench import write_report
     from kana import db, migrate
 
@@ -163,12 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=20_000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    settings = config.load()
-    if not settings.database_url.startswith("postgresql"):
-        print("bench.plans needs PostgreSQL (DATABASE_URL)", file=sys.stderr)
-        return 2
-    migrate.upgrade(settings.database_url)
-    db.configure(settings.database_url)
+    settings = bench.postgres("bench.plans")
     report: dict = {"events": args.events, "users": args.users}
     for label, fresh in (("stale", False), ("fresh", True)):
         plans = check(db.SessionLocal, args.events, args.users, fresh=fresh)
