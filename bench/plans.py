@@ -155,16 +155,15 @@ def check(session_factory: sessionmaker, events: int, users: int, *, fresh: bool
 
 def main(argv: list[str] | None = None) -> int:
     import bench
-import config
     from bench import write_report
-    from kana import db, migrate
+    from kana import db
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--users", type=int, default=20_000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    settings = bench.postgres("bench.plans")
+    bench.postgres("bench.plans")
     report: dict = {"events": args.events, "users": args.users}
     for label, fresh in (("stale", False), ("fresh", True)):
         plans = check(db.SessionLocal, args.events, args.users, fresh=fresh)
