@@ -27,7 +27,8 @@ class CheckQuery(StrictSchema):
                    metadata={"description": "The user's id, an alias, or a merged-away id."})
     feature_id = text(required=True, max_length=MAX_TEXT)
     delta = fields.Decimal(load_default=Decimal(1), allow_nan=False, validate=validate.Range(0, MAX_LIMIT),
-                           metadata={"description": "The usage about to happen.", "default": 1})
+                           metadata={"description": "The usage about to happen.", "default": 1,
+                                     "minimum": 0, "maximum": MAX_LIMIT})  # numbers, not a Decimal's strings
 
 
 @bp.get("/entitlements/check")

@@ -69,8 +69,9 @@ class PlanFeatureSchema(Schema):
     limit = fields.Decimal(allow_none=True, load_default=None, allow_nan=False,
                            validate=validate.Range(0, MAX_LIMIT, error="must be a number from {min} to {max} "
                                                    "(or null: unlimited)"),
+                           # Numbers in the document (a Decimal field would state its bounds as strings).
                            metadata={"description": "Consumable features: usage allowed per period; "
-                                                    "null = unlimited."})
+                                                    "null = unlimited.", "minimum": 0, "maximum": MAX_LIMIT})
     period = fields.String(load_default="month", validate=validate.OneOf(PERIODS),
                            metadata={"description": "Calendar UTC month or day, or none (lifetime)."})
     overage = fields.Boolean(load_default=False, metadata={"description": "Usage past the limit is allowed."})
@@ -112,7 +113,11 @@ def _flatten(messages: Any, path: list[str | int] | None = None) -> dict[str, li
     if isinstance(messages, dict):
         out: dict[str, list[str]] = {}
         for key, value in messages.items():
-            out.update(_flatten(value, [*path, key]))
+            if isinstance(key, int) and isinstance(value, list):
+                # An item of a list of values (thresholds): the list is the field.
+                out.setdefault(_field_name(path), []).extend(f"item {key}: {m}" for m in value)
+            else:
+                out.update(_flatten(value, [*path, key]))
         return out
     if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
         return {_field_name(path) or "_schema": list(messages)}
