@@ -14,8 +14,12 @@ from kana.serializers import DELIVERY_STATUSES, DeliveryPage, DeliveryRetried, W
 from kana.services import webhooks as webhook_actions
 
 
+REQUIRED = "is required (an http or https URL)"
+
+
 class WebhookIn(StrictSchema):
     url = fields.String(required=True, validate=validate.Length(1, MAX_URL),
+                        error_messages={"required": REQUIRED, "null": REQUIRED},
                         metadata={"description": "http(s); private addresses refused unless allowed (SSRF)"})
 
 
