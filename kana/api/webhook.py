@@ -13,7 +13,6 @@ from kana.runtime import current
 from kana.serializers import DELIVERY_STATUSES, DeliveryPage, DeliveryRetried, WebhookOut
 from kana.services import webhooks as webhook_actions
 
-
 REQUIRED = "is required (an http or https URL)"
 
 

@@ -255,11 +255,26 @@ def user_of(session: Session, workspace_id: int, kana_id: int) -> User:
 
 def assign(session: Session, workspace_id: int, kana_id: int, plan_id: str | None) -> User:
     """Put a user on a plan (None: off any plan)."""
-    if plan_id is not None and (not isinstance(plan_id, str) or not features.SLUG.fullmatch(plan_id)
-                                or get_plan(session, workspace_id, plan_id) is None):
-        raise PlanError({"plan_id": f"no plan {plan_id!r} in this workspace"})
     user = user_of(session, workspace_id, kana_id)
-    user.plan_id = plan_id
+    put_on(session, user, plan_id)
     session.flush()
-    entitlements.touch(session, workspace_id)
     return user
+
+
+def check_plan_id(session: Session, workspace_id: int, plan_id: object) -> str:
+    """``plan_id`` if the workspace has that plan; PlanError naming ``plan_id`` otherwise."""
+    if not isinstance(plan_id, str) or not features.SLUG.fullmatch(plan_id) \
+            or get_plan(session, workspace_id, plan_id) is None:
+        raise PlanError({"plan_id": f"no plan {plan_id!r} in this workspace"})
+    return plan_id
+
+
+def put_on(session: Session, user: User, plan_id: str | None) -> bool:
+    """Set a user's plan (an existing one, or None); whether it changed. Marks the entitlement cache stale."""
+    if plan_id is not None:
+        check_plan_id(session, user.workspace_id, plan_id)
+    if user.plan_id == plan_id:
+        return False
+    user.plan_id = plan_id
+    entitlements.touch(session, user.workspace_id)
+    return True
