@@ -16,7 +16,19 @@ from typing import Any
 from marshmallow import Schema, fields
 
 from kana.domain import features, keys, ledger, rules
-from kana.models import ApiKey, Audit, DeadLetter, Event, Feature, Rule, User, WebhookDelivery, Workspace
+from kana.models import (
+    ApiKey,
+    Audit,
+    DeadLetter,
+    Event,
+    Feature,
+    Plan,
+    PlanFeature,
+    Rule,
+    User,
+    WebhookDelivery,
+    Workspace,
+)
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -179,26 +191,28 @@ DELIVERY_STATUSES = ("pending", "delivered", "failed")
 
 
 def _moment(**kwargs: Any) -> fields.String:
-    # Built as ISO-8601 text by the domain (``plans.to_dict``, ``entitlements.answer``).
+    # Built as ISO-8601 text by the domain (``entitlements.answer``).
     return fields.String(metadata={"format": "date-time"}, **kwargs)
 
 
 class PlanFeatureOut(Schema):
     feature_id = fields.String(required=True)
-    type = fields.String(required=True, allow_none=True, metadata={"enum": [*features.TYPES, None],
-                                                                    "description": "the feature's type"})
-    limit = fields.Float(required=True, allow_none=True, metadata={"description": "per period; null = unlimited"})
+    # The feature's, not the row's: ``plan_json`` fills it in.
+    type = fields.String(required=True, allow_none=True, metadata={"enum": [*features.TYPES, None]})
+    limit = fields.Function(lambda pf: None if pf.limit is None else amount(pf.limit), required=True,
+                            allow_none=True, metadata={"type": "number", "description": "per period; null = unlimited"})
     period = fields.String(required=True, metadata={"enum": list(PERIODS)})
     overage = fields.Boolean(required=True)
-    thresholds = fields.List(fields.Integer(), required=True, metadata={"description": "percent of the limit"})
+    thresholds = fields.Function(lambda pf: list(pf.thresholds or []), required=True, metadata={
+        "type": "array", "items": {"type": "integer"}, "description": "percent of the limit"})
 
 
 class PlanOut(Schema):
     id = fields.String(required=True)
     name = fields.String(required=True)
     features = fields.List(fields.Nested(PlanFeatureOut), required=True)
-    created_at = _moment(required=True)
-    updated_at = _moment(required=True)
+    created_at = Time(required=True)
+    updated_at = Time(required=True)
 
 
 class PlanList(Schema):
@@ -264,6 +278,14 @@ class DeliveryPage(Schema):
 
 
 _USER = UserOut()
+_PLAN = PlanOut(exclude=("features",))
+_PLAN_FEATURE = PlanFeatureOut(exclude=("type",))
+
+
+def plan_json(plan: Plan, rows: list[PlanFeature], kinds: dict[str, str]) -> dict[str, Any]:
+    """A plan with its features (``rows``), each with its feature's type (``kinds``: feature id -> type)."""
+    items = [{**_PLAN_FEATURE.dump(pf), "type": kinds.get(pf.feature_id)} for pf in rows]
+    return {**_PLAN.dump(plan), "features": items}
 
 
 def user_json(user: User, aliases: list[str] | None = None) -> dict[str, Any]:

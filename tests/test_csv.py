@@ -95,7 +95,7 @@ def test_export_only_flagged_users(session, workspace):
         (b"", "The file is empty"),
         (b" \n\n", "The file is empty"),
         (b"u1,ann@example.com\nu2,bob@example.com\n", "Missing header: line 1 must name the columns"),
-        (b"user_id,email,plan\nu1,a@example.com,pro\n", "Unknown column 'plan' in the header (line 1)"),
+        (b"user_id,email,tier\nu1,a@example.com,pro\n", "Unknown column 'tier' in the header (line 1)"),
         (b"user_id,email,email\n", "Column 'email' appears twice"),
         (b"user_id;email\nu1;a@example.com\n", "separated by ';'"),
     ],

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from kana.domain import entitlements, features, ids
 from kana.errors import Conflict, KanaError, NotFound
 from kana.models import Feature, Plan, PlanFeature, User, utcnow
-from kana.serializers import PERIODS  # listed there: kana.serializers sits below entitlements, so cannot import us
+from kana.serializers import PERIODS, plan_json
 
 MIN_THRESHOLD, MAX_THRESHOLD = 1, 1000
 # What the ledger's amount column holds (NUMERIC(28, 9)).
@@ -150,25 +150,10 @@ def list_plans(session: Session, workspace_id: int) -> list[Plan]:
     return list(session.scalars(select(Plan).where(Plan.workspace_id == workspace_id).order_by(Plan.id)))
 
 
-def to_dict(session: Session, plan: Plan) -> dict[str, Any]:
+def as_json(session: Session, plan: Plan) -> dict[str, Any]:
+    """The plan as the API answers it (``serializers.PlanOut``)."""
     kinds = {f.id: f.type for f in features.list_features(session, plan.workspace_id)}
-    return {
-        "id": plan.id,
-        "name": plan.name,
-        "features": [
-            {
-                "feature_id": pf.feature_id,
-                "type": kinds.get(pf.feature_id),
-                "limit": entitlements.number(pf.limit),
-                "period": pf.period,
-                "overage": pf.overage,
-                "thresholds": list(pf.thresholds or []),
-            }
-            for pf in plan_features(session, plan.workspace_id, plan.id)
-        ],
-        "created_at": plan.created_at.isoformat(),
-        "updated_at": plan.updated_at.isoformat(),
-    }
+    return plan_json(plan, plan_features(session, plan.workspace_id, plan.id), kinds)
 
 
 def _feature_rows(session: Session, workspace_id: int, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,24 +21,24 @@ def get(workspace_id: int, plan_id: str) -> dict[str, Any]:
         plan = plans.get_plan(s, workspace_id, plan_id) if features.SLUG.fullmatch(plan_id) else None
         if plan is None:
             raise plans.PlanNotFound(plan_id)
-        return plans.to_dict(s, plan)
+        return plans.as_json(s, plan)
 
 
 def listed(workspace_id: int) -> list[dict[str, Any]]:
     with SessionLocal.begin() as s:
-        return [plans.to_dict(s, p) for p in plans.list_plans(s, workspace_id)]
+        return [plans.as_json(s, p) for p in plans.list_plans(s, workspace_id)]
 
 
 def create(workspace_id: int, data: Any) -> dict[str, Any]:
     """A new plan from its JSON shape (``plans.PlanSchema``)."""
     with SessionLocal.begin() as s:
-        return plans.to_dict(s, plans.create_plan(s, workspace_id, data))
+        return plans.as_json(s, plans.create_plan(s, workspace_id, data))
 
 
 def update(workspace_id: int, plan_id: str, data: Any) -> dict[str, Any]:
     """A new name and/or feature list (``plans.PlanUpdateSchema``); takes effect on the next check."""
     with SessionLocal.begin() as s:
-        return plans.to_dict(s, plans.update_plan(s, workspace_id, plan_id, data))
+        return plans.as_json(s, plans.update_plan(s, workspace_id, plan_id, data))
 
 
 def assign(workspace_id: int, kana_id: int, plan_id: str | None) -> dict[str, Any]:
