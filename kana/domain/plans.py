@@ -32,10 +32,7 @@ class PlanError(KanaError, ValueError):
 
 
 class PlanExists(PlanError, Conflict):
-    """A plan with this id already exists in the workspace."""
-
-    status = 409
-    code = "conflict"
+    """A plan with this id already exists in the workspace (409, from ``Conflict``)."""
 
 
 class PlanNotFound(NotFound, LookupError):
