@@ -307,8 +307,8 @@ def test_api_refuses_bad_files_before_queueing(client, workspace):
     assert bad.status_code == 400
     body = bad.get_json()
     assert body["code"] == "invalid_csv" and "not UTF-8" in body["message"] and body["errors"]["line"] == 2
-    unknown = post(b"user_id,plan\n").get_json()
-    assert "Unknown column 'plan'" in unknown["message"]
+    unknown = post(b"user_id,tier\n").get_json()
+    assert "Unknown column 'tier'" in unknown["message"]
     missing = client.post("/api/v1/imports/csv", headers=workspace.headers, data={},
                           content_type="multipart/form-data")
     assert missing.status_code == 400 and "file" in missing.get_json()["errors"]
