@@ -15,8 +15,20 @@ from typing import Any
 
 from marshmallow import Schema, fields
 
-from kana.domain import features, ledger, rules
-from kana.models import ApiKey, Audit, DeadLetter, Event, Feature, Rule, User, Workspace
+from kana.domain import features, keys, ledger, rules
+from kana.models import (
+    ApiKey,
+    Audit,
+    DeadLetter,
+    Event,
+    Feature,
+    Plan,
+    PlanFeature,
+    Rule,
+    User,
+    WebhookDelivery,
+    Workspace,
+)
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -139,7 +151,7 @@ class KeyOut(Schema):
     # Only the prefix: the key itself is shown once, when created.
     id = fields.Integer(required=True)
     prefix = fields.String(required=True)
-    scope = fields.String(required=True, metadata={"enum": ["ingest", "admin"]})
+    scope = fields.String(required=True, metadata={"enum": list(keys.SCOPES)})
     name = _nullable_str()
     created_at = Time(required=True)
     revoked_at = Time(allow_none=True)
@@ -173,7 +185,107 @@ class UsageOut(Schema):
     series = fields.List(fields.Nested(SeriesPoint), metadata={"description": "only when window is given"})
 
 
+PERIODS = ("month", "day", "none")  # of a plan feature: calendar UTC month, day, or none (lifetime)
+REASONS = ("unknown_user", "no_plan", "not_in_plan", "limit_exceeded")
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+
+def _moment(**kwargs: Any) -> fields.String:
+    # Built as ISO-8601 text by the domain (``entitlements.answer``).
+    return fields.String(metadata={"format": "date-time"}, **kwargs)
+
+
+class PlanFeatureOut(Schema):
+    feature_id = fields.String(required=True)
+    # The feature's, not the row's: ``plan_json`` fills it in.
+    type = fields.String(required=True, allow_none=True, metadata={"enum": [*features.TYPES, None]})
+    limit = fields.Function(lambda pf: None if pf.limit is None else amount(pf.limit), required=True,
+                            allow_none=True, metadata={"type": "number", "description": "per period; null = unlimited"})
+    period = fields.String(required=True, metadata={"enum": list(PERIODS)})
+    overage = fields.Boolean(required=True)
+    thresholds = fields.Function(lambda pf: list(pf.thresholds or []), required=True, metadata={
+        "type": "array", "items": {"type": "integer"}, "description": "percent of the limit"})
+
+
+class PlanOut(Schema):
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+    features = fields.List(fields.Nested(PlanFeatureOut), required=True)
+    created_at = Time(required=True)
+    updated_at = Time(required=True)
+
+
+class PlanList(Schema):
+    plans = fields.List(fields.Nested(PlanOut), required=True)
+
+
+class EntitlementOut(Schema):
+    """The check's answer (SPEC §10): may the user use the feature now, and where they stand."""
+
+    access = fields.Boolean(required=True)
+    reason = fields.String(metadata={"enum": list(REASONS), "description": "only when access is false"})
+    used = fields.Float(required=True, metadata={"description": "usage in the current period, the ledger's"})
+    limit = fields.Float(required=True, allow_none=True)
+    remaining = fields.Float(required=True, allow_none=True)
+    overage = fields.Boolean(required=True)
+    period_start = _moment(required=True, allow_none=True)
+    period_end = _moment(required=True, allow_none=True)
+
+
+class UserEntitlementOut(EntitlementOut):
+    feature_id = fields.String(required=True)
+    type = fields.String(required=True, metadata={"enum": list(features.TYPES)})
+    period = fields.String(required=True, metadata={"enum": list(PERIODS)})
+
+
+class EntitlementList(Schema):
+    kana_id = fields.Integer(required=True)
+    plan_id = _nullable_str(required=True)
+    entitlements = fields.List(fields.Nested(UserEntitlementOut), required=True)
+
+
+class WebhookOut(Schema):
+    url = fields.String(required=True)
+    secret = fields.String(required=True, metadata={"description": "shown once; every PUT rotates it"})
+
+
+class DeliveryOut(Schema):
+    id = fields.Integer(required=True)
+    type = fields.String(required=True, metadata={"enum": ["usage.threshold_crossed"]})
+    idempotency_key = fields.String(required=True, metadata={
+        "description": "sent as Kana-Idempotency-Key; stable per (user, feature, threshold, period)"})
+    status = fields.String(required=True, metadata={"enum": list(DELIVERY_STATUSES)})
+    attempts = fields.Integer(required=True)
+    last_error = _nullable_str()
+    last_status = fields.Integer(allow_none=True)
+    # When the next attempt is due: only while the delivery is pending.
+    next_attempt_at = fields.Function(lambda row: iso(row.next_attempt_at) if row.status == "pending" else None,
+                                      allow_none=True, metadata={"type": "string", "format": "date-time"})
+    created_at = Time(required=True)
+    delivered_at = Time(allow_none=True)
+    payload = fields.Dict(required=True, metadata={
+        "description": "the body POSTed: {type, id, created_at, data: {kana_id, user_id, feature_id, threshold, "
+                       "used, limit, period_start, period_end}}"})
+
+
+class DeliveryRetried(DeliveryOut):
+    queue_error = fields.String(metadata={"description": "Redis was down: the delivery is sent once it is back"})
+
+
+class DeliveryPage(Schema):
+    deliveries = fields.List(fields.Nested(DeliveryOut), required=True)
+    next_cursor = _nullable_str(required=True)
+
+
 _USER = UserOut()
+_PLAN = PlanOut(exclude=("features",))
+_PLAN_FEATURE = PlanFeatureOut(exclude=("type",))
+
+
+def plan_json(plan: Plan, rows: list[PlanFeature], kinds: dict[str, str]) -> dict[str, Any]:
+    """A plan with its features (``rows``), each with its feature's type (``kinds``: feature id -> type)."""
+    items = [{**_PLAN_FEATURE.dump(pf), "type": kinds.get(pf.feature_id)} for pf in rows]
+    return {**_PLAN.dump(plan), "features": items}
 
 
 def user_json(user: User, aliases: list[str] | None = None) -> dict[str, Any]:
@@ -190,3 +302,4 @@ rule_json: Callable[[Rule], dict[str, Any]] = RuleOut().dump
 audit_json: Callable[[Audit], dict[str, Any]] = AuditOut().dump
 key_json: Callable[[ApiKey], dict[str, Any]] = KeyOut().dump
 workspace_json: Callable[[Workspace], dict[str, Any]] = WorkspaceOut().dump
+delivery_json: Callable[[WebhookDelivery], dict[str, Any]] = DeliveryOut().dump

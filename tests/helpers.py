@@ -48,7 +48,7 @@ def add_feature(ws_id: int, feature_id: str = "messages", kind: str = "consumabl
 
 
 def track(user_id: str, event: str = "Used", props: dict | None = None, *, feature: str | None = None,
-          delta: object = None, timestamp: str | None = None, message_id: str | None = None) -> dict:
+          delta: object = None, timestamp: str | datetime | None = None, message_id: str | None = None) -> dict:
     """A Segment track call; ``feature`` / ``delta`` fill properties.featureId / properties.delta."""
     properties = dict(props or {})
     if feature is not None:
@@ -58,7 +58,7 @@ def track(user_id: str, event: str = "Used", props: dict | None = None, *, featu
     call = {"type": "track", "userId": user_id, "event": event, "properties": properties,
             "messageId": message_id or f"m-{uuid.uuid4().hex}"}
     if timestamp:
-        call["timestamp"] = timestamp
+        call["timestamp"] = timestamp.isoformat() if isinstance(timestamp, datetime) else timestamp
     return call
 
 

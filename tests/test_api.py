@@ -82,7 +82,7 @@ def assert_invalid(resp, field: str) -> None:
     assert field in body["message"], body
 
 
-API_BLUEPRINTS = ("api.", "plans_api.", "entitlements_api.", "webhook_api.")
+API_BLUEPRINTS = ("api.",)
 
 
 def api_rules(app) -> list:

@@ -96,7 +96,7 @@ def test_export_only_flagged_users(session, workspace):
         (b"", "The file is empty"),
         (b" \n\n", "The file is empty"),
         (b"u1,ann@example.com\nu2,bob@example.com\n", "Missing header: line 1 must name the columns"),
-        (b"user_id,email,plan\nu1,a@example.com,pro\n", "Unknown column 'plan' in the header (line 1)"),
+        (b"user_id,email,tier\nu1,a@example.com,pro\n", "Unknown column 'tier' in the header (line 1)"),
         (b"user_id,email,email\n", "Column 'email' appears twice"),
         (b"user_id;email\nu1;a@example.com\n", "separated by ';'"),
     ],
@@ -308,8 +308,8 @@ def test_api_refuses_bad_files_before_queueing(client, workspace):
     assert bad.status_code == 400
     body = bad.get_json()
     assert body["code"] == "invalid_csv" and "not UTF-8" in body["message"] and body["errors"]["line"] == 2
-    unknown = post(b"user_id,plan\n").get_json()
-    assert "Unknown column 'plan'" in unknown["message"]
+    unknown = post(b"user_id,tier\n").get_json()
+    assert "Unknown column 'tier'" in unknown["message"]
     missing = client.post("/api/v1/imports/csv", headers=workspace.headers, data={},
                           content_type="multipart/form-data")
     assert missing.status_code == 400 and "file" in missing.get_json()["errors"]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from sqlalchemy import event, func, select
 
 from kana.db import SessionLocal, get_engine, read_only
 from kana.domain import entitlements, keys
+from kana.imports import csvfile
 from kana.models import Usage, User
+from tests import helpers
 
 
 def api(client, ws, method: str, path: str, **kwargs):
@@ -31,13 +33,8 @@ def setup_plan(client, ws, *, limit=5, period="month", overage=False, thresholds
     assert resp.status_code == 201, resp.get_json()
 
 
-def track(user_id: str, delta=1, feature: str = "messages", message_id: str | None = None,
-          timestamp: datetime | None = None) -> dict:
-    call = {"type": "track", "userId": user_id, "event": "Sent", "messageId": message_id or uuid.uuid4().hex,
-            "properties": {"featureId": feature, "delta": delta}}
-    if timestamp is not None:
-        call["timestamp"] = timestamp.isoformat()
-    return call
+# The calls these tests send: one message of the "messages" feature unless told otherwise.
+track = partial(helpers.track, feature="messages", delta=1)
 
 
 def send(client, ws, calls) -> None:
@@ -356,3 +353,23 @@ def test_check_answers_from_the_database_while_redis_is_down(client, workspace, 
     monkeypatch.setattr(runtime, "redis", Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2))
     answer = check(client, workspace, "ann", delta=7)
     assert answer["used"] == 4 and answer["access"] is False and answer["reason"] == "limit_exceeded"
+
+
+def test_csv_import_plan_column_sets_the_plan_and_the_next_check_sees_it(client, workspace, work):
+    setup_plan(client, workspace, limit=5)
+    send(client, workspace, [track("ann", delta=2), track("bob")])
+    work()
+    assign(client, workspace, "bob")
+    assert check(client, workspace, "ann")["reason"] == "no_plan"  # now cached
+    data = b"user_id,email,plan\nann,,pro\nbob,bob@acme.test,\ncarl,,ghost\ndan,,Not A Plan\n"
+    with SessionLocal.begin() as s:
+        results = {r.line: r for r in csvfile.apply_rows(s, workspace.id, None, csvfile.parse(data).rows()).results}
+    assert results[2].status == "updated" and "plan pro" in results[2].actions
+    assert results[3].status == "updated"  # the email; an empty plan cell leaves bob's plan as is
+    assert results[4].status == "failed" and "ghost" in results[4].errors["plan"]
+    assert results[5].status == "failed" and "plan" in results[5].errors
+    with read_only(SessionLocal()) as s:
+        plans = dict(s.execute(select(User.user_id, User.plan_id).where(User.workspace_id == workspace.id)).all())
+    assert plans == {"ann": "pro", "bob": "pro"}  # carl's row failed as a whole: no user created
+    answer = check(client, workspace, "ann")
+    assert answer["access"] is True and answer["used"] == 2

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import func, select, update
 
 import jobs
@@ -269,3 +270,33 @@ def test_dashboard_plans_user_entitlements_and_delivery_retry(browser, admin, cl
     work()
     assert deliveries(client, workspace)[0]["status"] == "delivered"
     assert post(browser, "/dashboard/webhook/deliveries/999999/retry").status_code == 404
+
+
+def test_retry_with_redis_down_stays_due_and_the_sweep_sends_it(client, workspace, work, receiver, allow_private,
+                                                                  monkeypatch):
+    setup_plan(client, workspace, limit=1, thresholds=[100])
+    set_webhook(client, workspace, receiver)
+    send(client, workspace, [track("ann")])
+    work()
+    assign(client, workspace, "ann")
+    receiver.script = [500]
+    send(client, workspace, [track("ann")])
+    work()
+    [row] = deliveries(client, workspace)
+    assert row["status"] == "pending" and row["attempts"] == 1
+
+    def down(*args, **kwargs):
+        raise RedisConnectionError("redis is gone")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(webhooks, "enqueue", down)
+        resp = api(client, workspace, "POST", f"/api/v1/webhook/deliveries/{row['id']}/retry")
+    # The re-armed delivery is committed: not an error, and the answer says it was not queued.
+    assert resp.status_code == 202 and "Redis" in resp.get_json()["queue_error"]
+    webhook_jobs.sweep()
+    work()
+    [row] = deliveries(client, workspace)
+    assert row["status"] == "delivered" and row["attempts"] == 2
+    resp = api(client, workspace, "GET", "/api/v1/webhook/deliveries?status=AAA")
+    assert resp.status_code == 400 and "status" in resp.get_json()["errors"]
+    assert api(client, workspace, "POST", "/api/v1/webhook/deliveries/99999999999999999999/retry").status_code == 404

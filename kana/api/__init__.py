@@ -26,12 +26,11 @@ from kana.api import (
     workspace,
 )
 
-RESOURCES = (users, usage, features, rules, events, imports, flags, jobs, workspace, keys, openapi)
+RESOURCES = (users, usage, features, rules, events, imports, flags, jobs, workspace, keys, plans, entitlements, webhook,
+             openapi)
 
 
 def init_app(app: Flask) -> None:
     """Register the API's routes (every resource module adds its own to ``common.bp``) and its JSON errors."""
     common.register_errors(app)
     app.register_blueprint(common.bp)
-    for extra in (plans, entitlements, webhook):
-        app.register_blueprint(extra.bp)

@@ -2,7 +2,9 @@
 cursors, the OpenAPI description of each view, and the JSON rendering of errors.
 
 Every endpoint but the OpenAPI document needs an admin key (401 unknown or
-revoked, 403 ingest key) and only ever reads or writes the key's workspace:
+revoked, 403 another scope) unless its ``doc`` names another scope (the
+entitlement check takes ``check`` keys too, ``kana.auth.ALLOWED``), and only
+ever reads or writes the key's workspace:
 another workspace's ids answer 404, exactly like ids that do not exist.
 Input is validated by marshmallow schemas that reject unknown fields, so that
 a typo (``?emial=``) is an error rather than a silently ignored filter.
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Flask, jsonify, request
+from flask import Blueprint, Flask, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from redis.exceptions import RedisError
@@ -39,8 +41,14 @@ PUBLIC = {"api.openapi"}
 
 @bp.before_request
 def _authenticate() -> None:
-    if request.endpoint not in PUBLIC:
+    if request.endpoint in PUBLIC:
+        return
+    op = getattr(current_app.view_functions.get(request.endpoint or ""), "openapi", None)
+    scope = op.scope if op is not None else "admin"
+    if scope == "admin":
         auth.require_admin()
+    else:
+        auth.authenticate(scope=scope)
 
 
 # --- errors: the one JSON rendering (the receiver's errors too) ---------------------------------
@@ -190,6 +198,7 @@ class Operation:
     errors: tuple[int, ...] = (400, 401, 403, 404, 409, 503)
     media: str = "application/json"  # of the response (text/csv for exports)
     upload: bool = False  # the body is a multipart/form-data file
+    scope: str = "admin"  # the key scope the endpoint needs (``kana.auth.ALLOWED``: admin keys pass every one)
 
 
 def doc(operation_id: str, summary: str, **kwargs: Any) -> Callable[[Callable], Callable]:

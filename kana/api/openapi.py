@@ -101,13 +101,6 @@ def build(app: Flask) -> APISpec:
     for path, item in paths.items():
         parameters = item.pop("parameters")
         spec.path(path=path, operations=item, parameters=parameters or None)
-    # The entitlement blueprints still describe their paths by hand (OPENAPI_PATHS).
-    from kana.api import entitlements, plans, webhook
-
-    for module in (plans, entitlements, webhook):
-        for path, item in module.OPENAPI_PATHS.items():
-            item = dict(item)
-            spec.path(path=path, parameters=item.pop("parameters", None), operations=item)
     spec.path(path=f"{bp.url_prefix}/openapi.json", operations={"get": {
         "operationId": "getOpenAPI", "summary": "This document", "security": [],
         "responses": {"200": {"description": "OpenAPI 3 document", "content": {"application/json": {}}}},

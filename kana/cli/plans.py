@@ -6,26 +6,7 @@ import json
 
 import click
 
-import config
-from kana.cli import _session, main
-
-
-def _runtime():  # noqa: ANN202
-    # A Runtime, not just a session: plan changes must reach the entitlement cache after the commit.
-    from kana.runtime import Runtime
-
-    return Runtime(config.load())
-
-
-def _workspace(session, workspace_id: int) -> None:  # noqa: ANN001
-    from kana.models import Workspace
-
-    if session.get(Workspace, workspace_id) is None:
-        raise click.ClickException(f"no workspace {workspace_id}")
-
-
-def _plan_error(exc) -> click.ClickException:  # noqa: ANN001
-    return click.ClickException("invalid plan: " + "; ".join(f"{k}: {v}" for k, v in exc.errors.items()))
+from kana.cli.base import _require_workspace, _runtime, _session, main
 
 
 @main.group()
@@ -42,19 +23,15 @@ def plan() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plan_create(workspace_id: int, plan_id: str, name: str | None, features_json: str, as_json: bool) -> None:
     """Create a plan."""
-    from kana.domain import plans
+    from kana.services import plans
 
     try:
         items = json.loads(features_json)
     except ValueError as exc:
         raise click.ClickException(f"--features is not JSON: {exc}") from None
-    try:
-        with _session().begin() as s:
-            _workspace(s, workspace_id)
-            body = plans.to_dict(s, plans.create_plan(s, workspace_id, {"id": plan_id, "name": name or plan_id,
-                                                                         "features": items}))
-    except plans.PlanError as exc:
-        raise _plan_error(exc) from None
+    with _session().begin() as s:
+        _require_workspace(s, workspace_id)
+    body = plans.create(workspace_id, {"id": plan_id, "name": name or plan_id, "features": items})
     click.echo(json.dumps(body) if as_json else f"plan {body['id']} created with {len(body['features'])} features")
 
 
@@ -63,10 +40,10 @@ def plan_create(workspace_id: int, plan_id: str, name: str | None, features_json
 @click.option("--json", "as_json", is_flag=True)
 def plan_list(workspace_id: int, as_json: bool) -> None:
     """List plans and their features."""
-    from kana.domain import plans
+    from kana.services import plans
 
-    with _session().begin() as s:
-        rows = [plans.to_dict(s, p) for p in plans.list_plans(s, workspace_id)]
+    _session()  # the engine, configured
+    rows = plans.listed(workspace_id)
     if as_json:
         click.echo(json.dumps(rows))
         return
@@ -86,25 +63,21 @@ def plan_list(workspace_id: int, as_json: bool) -> None:
 def plan_assign(workspace_id: int, user_id: str | None, kana_id: int | None, plan_id: str | None,
                 remove: bool) -> None:
     """Put a user on a plan (or off it with --none)."""
-    from kana.domain import identity, plans
+    from kana.domain import identity
+    from kana.services import plans
 
     if (user_id is None) == (kana_id is None):
         raise click.UsageError("give exactly one of --user or --kana-id")
     if (plan_id is None) != remove:
         raise click.UsageError("give a PLAN_ID, or --none")
-    try:
-        with _session().begin() as s:
-            _workspace(s, workspace_id)
-            if user_id is not None:
-                found = identity.find_user(s, workspace_id, user_id)
-                if found is None:
-                    raise click.ClickException(f"no user {user_id!r} in workspace {workspace_id}")
-                kana_id = found.kana_id
-            user = plans.assign(s, workspace_id, kana_id, plan_id)  # type: ignore[arg-type]
-            if user is None:
-                raise click.ClickException(f"no user with kana_id {kana_id} in workspace {workspace_id}")
-    except plans.PlanError as exc:
-        raise _plan_error(exc) from None
+    with _session().begin() as s:
+        _require_workspace(s, workspace_id)
+        if user_id is not None:
+            found = identity.find_user(s, workspace_id, user_id)
+            if found is None:
+                raise click.ClickException(f"no user {user_id!r} in workspace {workspace_id}")
+            kana_id = found.kana_id
+    plans.assign(workspace_id, kana_id, plan_id)  # type: ignore[arg-type]
     click.echo(f"user {kana_id} is on plan {plan_id}" if plan_id else f"user {kana_id} has no plan")
 
 
@@ -119,15 +92,10 @@ def webhook() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def webhook_set(workspace_id: int, url: str, as_json: bool) -> None:
     """Set the webhook URL; prints a new signing secret (shown once)."""
-    from kana import db
-    from kana.domain import webhooks
+    from kana.services import webhooks
 
     runtime = _runtime()
-    try:
-        with db.SessionLocal.begin() as s:
-            _workspace(s, workspace_id)
-            url, secret = webhooks.set_webhook(s, workspace_id, url,
-                                               allow_private=runtime.settings.webhook_allow_private)
-    except webhooks.WebhookError as exc:
-        raise click.ClickException(f"{exc.field}: {exc.message}") from None
-    click.echo(json.dumps({"url": url, "secret": secret}) if as_json else f"webhook {url}\nsecret {secret}")
+    with _session().begin() as s:
+        _require_workspace(s, workspace_id)
+    body = webhooks.set_url(runtime, workspace_id, url)
+    click.echo(json.dumps(body) if as_json else f"webhook {body['url']}\nsecret {body['secret']}")

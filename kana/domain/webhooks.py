@@ -18,7 +18,6 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -26,6 +25,7 @@ from rq import Queue
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from kana.errors import KanaError, NotFound
 from kana.models import WebhookDelivery, Workspace
 
 DELIVER_JOB = "jobs.webhooks.deliver"
@@ -35,13 +35,18 @@ BACKOFF_CAP = 3600.0
 MAX_URL = 2000
 
 
-class WebhookError(ValueError):
-    """An unusable webhook URL; ``field`` names the offending field."""
+class WebhookError(KanaError, ValueError):
+    """An unusable webhook URL; ``field`` names the offending field, ``message`` what is wrong with it."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"{field}: {message}", {field: [message]})
         self.field = field
         self.message = message
+
+
+class DeliveryNotFound(NotFound, LookupError):
+    def __init__(self, delivery_id: int) -> None:
+        super().__init__(f"No webhook delivery {delivery_id} in this workspace.")
 
 
 # --- URL and secret ---------------------------------------------------------------
@@ -113,23 +118,6 @@ def verify(secret: str, body: bytes, header: str, tolerance: float = 300) -> boo
 # --- deliveries --------------------------------------------------------------------
 
 
-def to_dict(row: WebhookDelivery) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "type": row.type,
-        "idempotency_key": row.idempotency_key,
-        "status": row.status,
-        "attempts": row.attempts,
-        "last_error": row.last_error,
-        "last_status": row.last_status,
-        "next_attempt_at": row.next_attempt_at.isoformat() if row.next_attempt_at and row.status == "pending"
-        else None,
-        "created_at": row.created_at.isoformat(),
-        "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None,
-        "payload": row.payload,
-    }
-
-
 def list_deliveries(session: Session, workspace_id: int, *, before: int | None = None, limit: int = 50,
                     status: str | None = None) -> list[WebhookDelivery]:
     """Newest first; ``before`` is the cursor (a delivery id)."""
@@ -141,12 +129,12 @@ def list_deliveries(session: Session, workspace_id: int, *, before: int | None =
     return list(session.scalars(stmt.order_by(WebhookDelivery.id.desc()).limit(limit)))
 
 
-def retry(session: Session, workspace_id: int, delivery_id: int) -> WebhookDelivery | None:
+def retry(session: Session, workspace_id: int, delivery_id: int) -> WebhookDelivery:
     """Make a delivery due now (a failed one gets another 24 h of retries)."""
     row = session.scalar(select(WebhookDelivery).where(WebhookDelivery.workspace_id == workspace_id,
                                                        WebhookDelivery.id == delivery_id))
     if row is None:
-        return None
+        raise DeliveryNotFound(delivery_id)
     if row.status != "delivered":
         now = datetime.now(UTC)
         if row.status == "failed":

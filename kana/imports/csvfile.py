@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from kana import db
-from kana.domain import flags, identity
+from kana.domain import features, flags, identity, plans
 from kana.domain.billing import check_billing_id, provider_of
 from kana.domain.ids import user_id_problem
 from kana.errors import KanaError
@@ -42,6 +42,8 @@ from kana.models import CsvImport, User, Workspace, utcnow
 log = logging.getLogger(__name__)
 
 COLUMNS = ("kana_id", "user_id", "name", "email", "billing_id", "created_at")
+# What an import also takes: a plan id per row (SPEC §11; empty leaves the user's plan as is).
+IMPORT_COLUMNS = (*COLUMNS, "plan")
 MAX_BYTES = 50 * 1024 * 1024
 EXPORT_CHUNK = 5000
 IMPORT_CHUNK = 1000
@@ -151,7 +153,7 @@ class Parsed:
             raise CsvError(f"line {reader.line_num}: {exc}", reader.line_num) from None
 
 
-_CANONICAL = {c.replace("_", ""): c for c in COLUMNS}
+_CANONICAL = {c.replace("_", ""): c for c in IMPORT_COLUMNS}
 
 
 def _normal_column(name: str) -> str:
@@ -195,7 +197,7 @@ def parse(data: bytes, *, max_bytes: int = MAX_BYTES) -> Parsed:
     except csv.Error as exc:
         raise CsvError(f"This is not a valid CSV file (line {reader.line_num}: {exc}).", reader.line_num) from None
     names = [_normal_column(c) for c in header]
-    known = set(COLUMNS)
+    known = set(IMPORT_COLUMNS)
     if not any(n in known for n in names):
         for sep in (";", "\t", "|"):
             if len(header) == 1 and any(_normal_column(c) in known for c in header[0].split(sep)):
@@ -207,7 +209,7 @@ def parse(data: bytes, *, max_bytes: int = MAX_BYTES) -> Parsed:
     unknown = [header[i] for i, n in enumerate(names) if n not in known]
     if unknown:
         raise CsvError(f"Unknown column{'s' if len(unknown) > 1 else ''} {', '.join(repr(u) for u in unknown)} "
-                       f"in the header (line 1); the known columns are {','.join(COLUMNS)}.", 1)
+                       f"in the header (line 1); the known columns are {','.join(IMPORT_COLUMNS)}.", 1)
     seen: set[str] = set()
     for n in names:
         if n in seen:
@@ -253,6 +255,7 @@ class Row:
     email: str | None
     name: str | None
     billing_id: str | None
+    plan: str | None = None
 
 
 def validate(line: int, values: dict[str, str], provider: str | None) -> Row:
@@ -278,11 +281,14 @@ def validate(line: int, values: dict[str, str], provider: str | None) -> Row:
             why = "must be at most 100 characters"
         if why is not None:
             errors["billing_id"] = f"{billing_id!r} {why}"
+    plan = values.get("plan") or None
+    if plan is not None and not features.SLUG.fullmatch(plan):
+        errors["plan"] = f"{plan!r} is not a plan id"
     if not errors and kana_id is None and user_id is None and email is None:
         errors["row"] = "needs a kana_id, user_id or email to match or create a user"
     if errors:
         raise RowError(errors)
-    return Row(line, kana_id, user_id, email, values.get("name") or None, billing_id)
+    return Row(line, kana_id, user_id, email, values.get("name") or None, billing_id, plan)
 
 
 class _Chunk:
@@ -344,6 +350,20 @@ class _Chunk:
     # -- the rules
 
     def apply(self, row: Row) -> RowResult:
+        if row.plan is not None:
+            # Checked before the row changes anything (a failed row leaves its user as it was).
+            try:
+                plans.check_plan_id(self.session, self.ws, row.plan)
+            except plans.PlanError:
+                raise RowError({"plan": f"no plan {row.plan!r} in this workspace"}) from None
+        result = self._apply(row)
+        if row.plan is not None and result.user is not None and plans.put_on(self.session, result.user, row.plan):
+            result.actions.append(f"plan {row.plan}")
+            if result.status == "unchanged":
+                result.status = "updated"
+        return result
+
+    def _apply(self, row: Row) -> RowResult:
         result = RowResult(row.line, "unchanged")
         traits = self._traits(row)
         target: User | None = None

@@ -667,7 +667,7 @@ def test_csv_import_progress_and_report(browser, admin, work):
 
 
 def test_csv_import_refuses_bad_files_at_once(browser):
-    resp = post(browser, "/dashboard/csv/import", {"file": (io.BytesIO(b"user_id,plan\n"), "bad.csv")},
+    resp = post(browser, "/dashboard/csv/import", {"file": (io.BytesIO(b"user_id,tier\n"), "bad.csv")},
                 token_from="/dashboard/csv", content_type="multipart/form-data")
     assert resp.status_code == 302 and resp.location.endswith("/dashboard/csv")
     assert "Unknown column" in text(browser.get("/dashboard/csv"))
