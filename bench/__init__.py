@@ -31,3 +31,20 @@ def postgres(name: str):  # noqa: ANN201 - config.Settings, imported lazily like
     migrate.upgrade(settings.database_url)
     db.configure(settings.database_url)
     return settings
+
+
+def wait_healthy(url: str, timeout: float = 60.0) -> bool:
+    """Poll ``{url}/healthz`` until it answers 200 (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    return False

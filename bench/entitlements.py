@@ -32,6 +32,7 @@ from pathlib import Path
 import requests
 from sqlalchemy import select, text, update
 
+import bench
 import config
 from bench import RESULTS, write_report
 from bench.run import free_port, wrk_figures
@@ -75,13 +76,8 @@ class Stack:
         self.procs += [subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env=env, start_new_session=True,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                        for _ in range(workers)]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.2)
+        if bench.wait_healthy(self.url):
+            return
         self.stop()
         raise RuntimeError("the web process did not come up")
 

@@ -48,6 +48,7 @@ import requests
 from rq import Queue, Worker
 from sqlalchemy import func, insert, select
 
+import bench
 import config
 from bench import RESULTS, write_report
 from kana import db, migrate
@@ -113,13 +114,7 @@ class Stack:
         if web:
             self.web = subprocess.Popen(["bash", "-c", procfile(code, "web")], cwd=code, env=self.env,
                                         start_new_session=True)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                        break
-                except requests.RequestException:
-                    time.sleep(0.2)
+            bench.wait_healthy(self.url)
         self.start_workers(workers)
 
     def start_workers(self, n: int) -> None:

@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+import bench
+
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-segment-shared-secret"
 
@@ -101,16 +103,9 @@ class Web:
                "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="kana-bench-prom-")}
         self.proc = subprocess.Popen(["bash", "-c", self.command], cwd=ROOT, env=env)
 
-    def wait_ready(self, requests_mod) -> None:  # noqa: ANN001
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests_mod.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except requests_mod.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the web process did not come up")
+    def wait_ready(self) -> None:
+        if not bench.wait_healthy(self.url):
+            raise RuntimeError("the web process did not come up")
 
     def workers(self) -> list[int]:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
@@ -234,7 +229,7 @@ def main() -> None:
     report: dict = {"parsers": parsers, "web_command": web.command, "web_env": web_env, "runs": []}
     sent = 0
     try:
-        web.wait_ready(requests)
+        web.wait_ready()
         # First a warm-up at the highest concurrency on the fresh workers: its growth is the cold cost (each
         # worker thread's allocator growing to one request's working set); the levels after it are steady state.
         levels = [("cold", max(args.concurrency))] + [("steady", c) for c in args.concurrency]
