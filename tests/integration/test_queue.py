@@ -34,15 +34,6 @@ def stored(ws: int) -> int:
         return s.scalar(select(func.count()).select_from(Event).where(Event.workspace_id == ws))
 
 
-def test_one_user_always_lands_in_one_partition():
-    parts = {spool.partition_of(1, "user-1", 16) for _ in range(10)}
-    assert len(parts) == 1
-    # The workspace is part of the key: one userId of many workspaces spreads over partitions.
-    assert len({spool.partition_of(ws, "user-1", 16) for ws in range(1, 50)}) > 1
-    spread = {spool.partition_of(1, f"user-{i}", 16) for i in range(200)}
-    assert len(spread) == 16
-
-
 def test_drain_applies_in_order_and_acknowledges(redis, ws):
     seen: list[str] = []
     spool.push(redis, [call(ws, i) for i in range(25)], 4)
@@ -163,3 +154,5 @@ def test_recover_wakes_stranded_partitions_only(redis, ws, runtime, work):
     maintenance.recover()
     work()
     assert stored(ws) == 20
+
+

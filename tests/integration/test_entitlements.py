@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import event, func, select
 
 from kana.db import SessionLocal, get_engine, read_only
-from kana.domain import entitlements, keys
+from kana.domain import keys
 from kana.imports import csvfile
 from kana.models import Usage, User
 from tests import helpers
@@ -91,9 +91,6 @@ def statements():
         event.remove(engine, "before_cursor_execute", record)
 
 
-# --- plans ---------------------------------------------------------------------------
-
-
 def test_plan_validation_names_the_field(client, workspace, work):
     setup_plan(client, workspace)
     bad = [
@@ -133,9 +130,6 @@ def test_feature_in_a_plan_needs_force_to_delete(client, workspace):
     assert api(client, workspace, "DELETE", "/api/v1/features/sso?force=true").status_code == 204
     plan = api(client, workspace, "GET", "/api/v1/plans/pro").get_json()
     assert [f["feature_id"] for f in plan["features"]] == ["messages"]
-
-
-# --- the check -----------------------------------------------------------------------------
 
 
 def test_check_answers_from_the_ledger_then_from_redis(client, workspace, work):
@@ -261,15 +255,6 @@ def test_user_entitlements_lists_every_plan_feature(client, workspace, work):
     assert by_id["sso"]["access"] is True and body["plan_id"] == "pro"
 
 
-def test_period_bounds_are_calendar_utc():
-    now = datetime(2026, 12, 31, 23, 59, tzinfo=UTC)
-    assert entitlements.period_bounds("month", now) == (datetime(2026, 12, 1, tzinfo=UTC),
-                                                        datetime(2027, 1, 1, tzinfo=UTC))
-    assert entitlements.period_bounds("day", now) == (datetime(2026, 12, 31, tzinfo=UTC),
-                                                      datetime(2027, 1, 1, tzinfo=UTC))
-    assert entitlements.period_bounds("none", now) == (None, None)
-
-
 def test_check_fed_by_the_official_segment_client(live_server, workspace, work, app):
     segment = pytest.importorskip("segment.analytics")
     client = app.test_client()
@@ -373,3 +358,5 @@ def test_csv_import_plan_column_sets_the_plan_and_the_next_check_sees_it(client,
     assert plans == {"ann": "pro", "bob": "pro"}  # carl's row failed as a whole: no user created
     answer = check(client, workspace, "ann")
     assert answer["access"] is True and answer["used"] == 2
+
+

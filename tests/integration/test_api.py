@@ -8,7 +8,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-import pytest
 from openapi_spec_validator import validate
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select
@@ -22,9 +21,6 @@ from tests.helpers import add_feature as make_feature
 from tests.helpers import count, make_user
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
-
-
-# --- helpers -----------------------------------------------------------------------------
 
 
 def add_usage(ws_id: int, kana_id: int, delta, at: datetime, feature_id: str = "messages", user_id: str = "u") -> int:
@@ -98,9 +94,6 @@ def sample_url(rule) -> str:
                   rule.rule)
 
 
-# --- authentication -------------------------------------------------------------------------
-
-
 def test_every_endpoint_needs_an_admin_key(app, client, workspace):
     rules = [r for r in api_rules(app) if r.endpoint != "api.openapi"]
     assert len(rules) >= 20
@@ -138,9 +131,6 @@ def test_revoked_key_is_refused(client, workspace):
     assert client.get("/api/v1/stats", headers=temp).status_code == 401
 
 
-# --- OpenAPI --------------------------------------------------------------------------------
-
-
 def test_openapi_document_is_valid_and_complete(app, client):
     resp = client.get("/api/v1/openapi.json")  # no key needed
     assert resp.status_code == 200
@@ -168,9 +158,6 @@ def test_openapi_document_is_valid_and_complete(app, client):
     body = doc["paths"]["/api/v1/users/merge"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     ref = body["$ref"].rsplit("/", 1)[-1]
     assert "kana_ids" in doc["components"]["schemas"][ref]["properties"]
-
-
-# --- users: create, get, list ------------------------------------------------------------
 
 
 def test_create_and_get_user(client, workspace):
@@ -295,9 +282,6 @@ def test_list_users_filters(client, workspace):
     assert kana_ids("user_id=ada-old") == [ada]
 
 
-# --- merge, delete ------------------------------------------------------------------------
-
-
 def test_merge_users(client, workspace):
     make_feature(workspace.id)
     first = make_user(workspace.id, "first", email="f@example.com")
@@ -348,9 +332,6 @@ def test_delete_user(client, workspace):
     assert audit[0]["action"] == "delete" and audit[0]["kana_ids"] == [gone] and audit[0]["trigger"] == "api"
 
 
-# --- workspace isolation ------------------------------------------------------------------
-
-
 def test_workspace_isolation(client, workspace, new_workspace):
     other = new_workspace("B")
     make_feature(workspace.id, "secret-feature")
@@ -396,9 +377,6 @@ def test_workspace_isolation(client, workspace, new_workspace):
     assert client.delete(f"/api/v1/keys/{a_key}", headers=other.headers).status_code == 404
     assert all(k["id"] != a_key for k in get(client, other, "/api/v1/keys").get_json()["keys"])
     assert get(client, other, "/api/v1/workspace").get_json()["id"] == other.id
-
-
-# --- usage ---------------------------------------------------------------------------------
 
 
 def test_user_usage_total_and_series(client, workspace):
@@ -490,9 +468,6 @@ def test_ledger_sums_exactly(session, workspace):
     assert [p["total"] for p in points] == [Decimal("0.5"), 0]
 
 
-# --- features ---------------------------------------------------------------------------------
-
-
 def test_feature_crud(client, workspace):
     resp = post(client, workspace, "/api/v1/features", {"id": "api-calls", "name": "API calls", "type": "consumable"})
     assert resp.status_code == 201, resp.get_json()
@@ -541,9 +516,6 @@ def test_delete_feature_with_usage_needs_force(client, workspace):
     with SessionLocal() as s:
         event = s.get(Event, event_id)
         assert event.status == "unmapped" and event.feature_id is None
-
-
-# --- events, dead letters --------------------------------------------------------------------
 
 
 def test_events_by_status_user_and_pages(client, workspace, work):
@@ -632,9 +604,6 @@ def test_retry_keeps_the_row_when_redis_is_down(client, workspace, monkeypatch):
     assert count(DeadLetter, workspace.id) == 1
 
 
-# --- stats, jobs ----------------------------------------------------------------------------------
-
-
 def test_stats(client, workspace, work):
     calls = [{"type": "track", "userId": "s", "event": "E", "messageId": f"s{i}"} for i in range(3)]
     client.post("/v1/batch", json={"batch": calls}, headers=workspace.headers)
@@ -667,9 +636,6 @@ def test_job_status(client, workspace, new_workspace, runtime, work):
     assert get(client, new_workspace("B"), f"/api/v1/jobs/{mine.id}").status_code == 404
     mine.cancel()
     assert get(client, workspace, f"/api/v1/jobs/{mine.id}").get_json()["status"] == "failed"
-
-
-# --- workspace, audit, keys -------------------------------------------------------------------------
 
 
 def test_workspace_settings_never_echo_secrets(client, workspace):
@@ -743,28 +709,3 @@ def test_keys(client, workspace):
     assert_invalid(post(client, workspace, "/api/v1/keys", {}), "scope")
 
 
-@pytest.mark.parametrize("window", ["hour", "day", "month"])
-def test_buckets_are_zero_filled_and_aligned(window):
-    start = datetime(2023, 12, 31, 22, 30, tzinfo=UTC)
-    points = ledger.buckets(start, start + timedelta(days=3), window)
-    assert points[0] == ledger.floor(start, window)
-    assert all(a < b for a, b in zip(points, points[1:], strict=False))
-    assert {"hour": 73, "day": 4, "month": 2}[window] == len(points)
-
-
-def test_outages_and_domain_errors_map_to_one_error_model():
-    from sqlalchemy.exc import OperationalError
-
-    from kana import errors
-    from kana.domain import features, rules
-
-    redis_down = errors.classify(RedisConnectionError("gone"))
-    assert (redis_down.status, redis_down.code) == (503, "unavailable") and "Redis" in redis_down.text
-    db_down = errors.classify(OperationalError("SELECT 1", {}, Exception("connection refused")))
-    assert (db_down.status, db_down.code) == (503, "unavailable") and "database" in db_down.text
-    assert errors.classify(ValueError("a bug")) is None
-    missing = errors.classify(rules.RuleNotFound(7))
-    assert missing.body() == {"code": "not_found", "message": "No rule 7 in this workspace."}
-    duplicate = features.DuplicateFeature("id", "feature 'x' already exists")
-    assert (duplicate.status, duplicate.code) == (409, "conflict")
-    assert duplicate.errors == {"id": ["feature 'x' already exists"]}
