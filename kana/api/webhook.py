@@ -39,10 +39,9 @@ def set_webhook() -> ResponseReturnValue:
      errors=(400, 401, 403))
 def list_deliveries() -> ResponseReturnValue:
     args = query(DeliveriesQuery())
-    rows = webhook_actions.deliveries(auth.workspace_id(), before=decode_cursor(args["cursor"]),
-                                      limit=args["limit"], status=args["status"])
-    after = encode_cursor(rows[-1]["id"]) if len(rows) == args["limit"] else None
-    return jsonify({"deliveries": rows, "next_cursor": after})
+    rows, after = webhook_actions.deliveries(auth.workspace_id(), before=decode_cursor(args["cursor"]),
+                                             limit=args["limit"], status=args["status"])
+    return jsonify({"deliveries": rows, "next_cursor": encode_cursor(after) if after is not None else None})
 
 
 @bp.post("/webhook/deliveries/<id:delivery_id>/retry")

@@ -62,9 +62,8 @@ def webhook_page() -> ResponseReturnValue:
     before = int_arg("before")
     with SessionLocal() as s:
         workspace = s.get(Workspace, ws())
-        rows = webhooks.list_deliveries(s, ws(), before=before, limit=PAGE)
+        rows, older = webhooks.list_deliveries(s, ws(), before=before, limit=PAGE)
         url = workspace.webhook_url if workspace else None
-    older = rows[-1].id if len(rows) == PAGE else None
     return render_template("dashboard/webhook.html", url=url, rows=rows, older=older, paged=before is not None)
 
 

@@ -25,6 +25,7 @@ from rq import Queue
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from kana import paging
 from kana.errors import KanaError, NotFound
 from kana.models import WebhookDelivery, Workspace
 
@@ -119,14 +120,12 @@ def verify(secret: str, body: bytes, header: str, tolerance: float = 300) -> boo
 
 
 def list_deliveries(session: Session, workspace_id: int, *, before: int | None = None, limit: int = 50,
-                    status: str | None = None) -> list[WebhookDelivery]:
-    """Newest first; ``before`` is the cursor (a delivery id)."""
+                    status: str | None = None) -> tuple[list[WebhookDelivery], int | None]:
+    """One page, newest first, after the delivery id ``before``; and the next page's ``before`` (None: last page)."""
     stmt = select(WebhookDelivery).where(WebhookDelivery.workspace_id == workspace_id)
-    if before is not None:
-        stmt = stmt.where(WebhookDelivery.id < before)
     if status is not None:
         stmt = stmt.where(WebhookDelivery.status == status)
-    return list(session.scalars(stmt.order_by(WebhookDelivery.id.desc()).limit(limit)))
+    return paging.keyset(session, stmt, WebhookDelivery.id, after=before, limit=limit, descending=True)
 
 
 def retry(session: Session, workspace_id: int, delivery_id: int) -> WebhookDelivery:

@@ -31,11 +31,11 @@ def set_url(rt: Runtime, workspace_id: int, url: object) -> dict[str, str]:
 
 
 def deliveries(workspace_id: int, *, before: int | None, limit: int,
-               status: str | None = None) -> list[dict[str, Any]]:
-    """Deliveries newest first, ``before`` a delivery id (the cursor)."""
+               status: str | None = None) -> tuple[list[dict[str, Any]], int | None]:
+    """One page of deliveries newest first (``before`` a delivery id), and the next page's ``before``."""
     with SessionLocal.begin() as s:
-        return [delivery_json(r) for r in
-                webhooks.list_deliveries(s, workspace_id, before=before, limit=limit, status=status)]
+        rows, after = webhooks.list_deliveries(s, workspace_id, before=before, limit=limit, status=status)
+        return [delivery_json(r) for r in rows], after
 
 
 def retry(rt: Runtime, workspace_id: int, delivery_id: int) -> dict[str, Any]:
