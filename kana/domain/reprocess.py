@@ -30,28 +30,32 @@ INSERT. Memory is bounded by one chunk.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
 from rq import Queue
 from rq.job import JobStatus
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import Row, Text, bindparam, cast, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kana.domain import counters, rules, usage
-from kana.models import Event, Usage, utcnow
+from kana.models import Event, Feature, Usage, utcnow
 
 log = logging.getLogger(__name__)
 
 EVENTS = Event.__table__
 USAGE = Usage.__table__
 CHUNK = 5000
+
+# An event that maps now: its id, the feature and the amount.
+Matched = tuple[int, str, Decimal]
 
 
 @dataclass
@@ -100,9 +104,11 @@ def reprocess_chunk(session: Session, workspace_id: int, *, after: int = 0, limi
     """Map the next ``limit`` unmapped events with id > ``after``; the caller commits."""
     rules.hold_mapping(session, workspace_id)
     features = usage.load_features(session, workspace_id)
-    compiled = rules.load_rules(session, workspace_id)
+    by_name = _by_name(rules.load_rules(session, workspace_id))
+    # properties as stored text: most events' names have no rule, and those are
+    # decided without decoding them (see ``_decide``).
     rows = session.execute(
-        select(EVENTS.c.id, EVENTS.c.type, EVENTS.c.name, EVENTS.c.properties, EVENTS.c.reason)
+        select(EVENTS.c.id, EVENTS.c.type, EVENTS.c.name, cast(EVENTS.c.properties, Text), EVENTS.c.reason)
         .where(
             EVENTS.c.workspace_id == workspace_id,
             EVENTS.c.status == "unmapped",
@@ -113,22 +119,7 @@ def reprocess_chunk(session: Session, workspace_id: int, *, after: int = 0, limi
     ).all()
     if not rows:
         return ChunkResult(0, 0, None)
-
-    # In id order: claiming rows in one order keeps concurrent runs from deadlocking.
-    matched: list[tuple[int, str, Decimal]] = []
-    reasons: list[tuple[int, str]] = []
-    map_event = usage.map_event
-    for event_id, kind, name, properties, reason in rows:
-        props = properties if isinstance(properties, dict) else {}
-        try:
-            mapping = map_event(kind, props, features, compiled, name)
-        except ValueError as exc:
-            # A stored featureId event with an unusable delta: leave it unmapped, say why.
-            mapping = usage.Mapping(reason=f"invalid delta: {exc}"[:500])
-        if mapping.feature_id is not None:
-            matched.append((event_id, mapping.feature_id, mapping.delta))  # type: ignore[arg-type]
-        elif mapping.reason != reason:
-            reasons.append((event_id, mapping.reason))  # type: ignore[arg-type]
+    matched, reasons = _decide(rows, features, by_name)
 
     postgres = session.get_bind().dialect.name == "postgresql"
     if postgres:
@@ -159,6 +150,55 @@ def reprocess_chunk(session: Session, workspace_id: int, *, after: int = 0, limi
     return ChunkResult(len(rows), mapped, rows[-1][0])
 
 
+def _by_name(compiled: list[rules.CompiledRule]) -> dict[str | None, list[rules.CompiledRule]]:
+    """The rules grouped by the event name they apply to, each group in the rules' order.
+
+    ``rules.match`` skips every rule naming another event, so matching an event
+    against its name's group gives the same result as against all the rules.
+    """
+    by_name: dict[str | None, list[rules.CompiledRule]] = defaultdict(list)
+    for rule in compiled:
+        by_name[rule.event].append(rule)
+    return dict(by_name)
+
+
+def _may_name_a_feature(raw: str) -> bool:
+    """False only when the stored properties cannot hold a ``featureId`` key.
+
+    A key can only be spelt with escapes (``feature\\u0049d``) if the text has a ``\\u``.
+    """
+    return "featureId" in raw or "\\u" in raw
+
+
+def _properties(raw: str | None) -> dict:
+    # The same decoder the live path's properties came through (json), so both map alike.
+    props = json.loads(raw) if raw else None
+    return props if isinstance(props, dict) else {}
+
+
+def _decide(rows: Sequence[Row], features: dict[str, Feature],
+            by_name: dict[str | None, list[rules.CompiledRule]]) -> tuple[list[Matched], list[tuple[int, str]]]:
+    """Which of the chunk's events map now (id, feature, delta), and which get a new unmapped reason."""
+    # In id order: claiming rows in one order keeps concurrent runs from deadlocking.
+    matched: list[Matched] = []
+    reasons: list[tuple[int, str]] = []
+    map_event = usage.map_event
+    for event_id, kind, name, raw, reason in rows:
+        candidates = by_name.get(name, ())
+        # No rule for the name and no featureId: map_event's answer needs no properties.
+        props = _properties(raw) if candidates or _may_name_a_feature(raw or "") else {}
+        try:
+            mapping = map_event(kind, props, features, candidates, name)
+        except ValueError as exc:
+            # A stored featureId event with an unusable delta: leave it unmapped, say why.
+            mapping = usage.Mapping(reason=f"invalid delta: {exc}"[:500])
+        if mapping.feature_id is not None:
+            matched.append((event_id, mapping.feature_id, mapping.delta))  # type: ignore[arg-type]
+        elif mapping.reason != reason:
+            reasons.append((event_id, mapping.reason))  # type: ignore[arg-type]
+    return matched, reasons
+
+
 # On PostgreSQL one statement claims the chunk's matched events and writes their
 # usage: arrays travel as three parameters (psycopg caches the query; thousands of
 # IN-list parameters would be re-parsed on every call), the UPDATE's row locks and
@@ -187,14 +227,14 @@ WHERE e.id = r.id AND e.workspace_id = :ws AND e.status = 'unmapped'
 """)
 
 
-def _claim_postgres(session: Session, workspace_id: int, matched: list[tuple[int, str, Decimal]]) -> int:
+def _claim_postgres(session: Session, workspace_id: int, matched: list[Matched]) -> int:
     ids, features, deltas = (list(column) for column in zip(*matched, strict=True))
     result = session.execute(_CLAIM_PG, {"ids": ids, "features": features, "deltas": deltas,
                                          "ws": workspace_id, "now": utcnow()})
     return result.rowcount
 
 
-def _claim(session: Session, workspace_id: int, matched: list[tuple[int, str, Decimal]]) -> int:
+def _claim(session: Session, workspace_id: int, matched: list[Matched]) -> int:
     """The portable path (SQLite): one guarded UPDATE … RETURNING per feature, then the usage rows."""
     by_feature: dict[str, list[int]] = defaultdict(list)
     deltas: dict[int, Decimal] = {}
