@@ -1,7 +1,7 @@
 """Benchmark: retroactive reprocessing of stored unmapped events (SPEC §7).
 
     DATABASE_URL=postgresql://postgres@127.0.0.1/kana_bench \\
-        python -m bench.reprocess [--events 1000000] [--rules 10] [--users 10000] [--chunk 5000]
+        python -m bench.reprocess [--events 1000000] [--rules 10] [--users 10000] [--chunk 5000] [--writers 2]
 
 Seeds a fresh workspace on PostgreSQL with ``--users`` users and ``--events``
 stored unmapped track events (COPY, streamed), ``--rules`` features and
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import sys
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rules", type=int, default=10)
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--chunk", type=int, default=reprocess.CHUNK)
+    ap.add_argument("--writers", type=int, default=reprocess.WRITERS, help="chunks written at once")
     ap.add_argument("--keep", action="store_true", help="keep the seeded workspace (default: delete it)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -173,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     rss_before = rss_mb()
     peak_before = peak_rss_mb()
     started = time.perf_counter()
-    state = reprocess.reprocess(db.SessionLocal, ws_id, progress=progress, chunk=args.chunk)
+    state = reprocess.reprocess(db.SessionLocal, ws_id, progress=progress, chunk=args.chunk, writers=args.writers)
     elapsed = time.perf_counter() - started
     peak_after = peak_rss_mb()
 
     started = time.perf_counter()
-    again = reprocess.reprocess(db.SessionLocal, ws_id, chunk=args.chunk)
+    again = reprocess.reprocess(db.SessionLocal, ws_id, chunk=args.chunk, writers=args.writers)
     rerun_s = time.perf_counter() - started
 
     with db.SessionLocal() as s:
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "rules": args.rules,
         "users": args.users,
         "chunk": args.chunk,
+        "writers": args.writers,
+        "load_average": list(os.getloadavg()),
         "seed_seconds": round(seed_s, 2),
         "reprocess_seconds": round(elapsed, 2),
         "scanned": state.scanned,

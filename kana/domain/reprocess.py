@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -45,6 +48,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from kana.db import read_only
 from kana.domain import counters, rules, usage
 from kana.models import Event, Feature, Usage, utcnow
 
@@ -53,6 +57,8 @@ log = logging.getLogger(__name__)
 EVENTS = Event.__table__
 USAGE = Usage.__table__
 CHUNK = 5000
+# Chunks written at once on PostgreSQL (see ``reprocess``).
+WRITERS = 2
 
 # An event that maps now: its id, the feature and the amount.
 Matched = tuple[int, str, Decimal]
@@ -102,12 +108,19 @@ def _insert_usage(session: Session):  # noqa: ANN202 - a dialect-specific Insert
 
 def reprocess_chunk(session: Session, workspace_id: int, *, after: int = 0, limit: int = CHUNK) -> ChunkResult:
     """Map the next ``limit`` unmapped events with id > ``after``; the caller commits."""
-    rules.hold_mapping(session, workspace_id)
-    features = usage.load_features(session, workspace_id)
-    by_name = _by_name(rules.load_rules(session, workspace_id))
-    # properties as stored text: most events' names have no rule, and those are
-    # decided without decoding them (see ``_decide``).
-    rows = session.execute(
+    rows = read_chunk(session, workspace_id, after=after, limit=limit)
+    if not rows:
+        return ChunkResult(0, 0, None)
+    return ChunkResult(len(rows), apply_chunk(session, workspace_id, rows), rows[-1][0])
+
+
+def read_chunk(session: Session, workspace_id: int, *, after: int = 0, limit: int = CHUNK) -> list[Row]:
+    """The next ``limit`` unmapped events with id > ``after``: (id, type, name, properties text, reason).
+
+    Properties come as stored text: most unmapped events' names have no rule,
+    and those are decided without decoding them (see ``_decide``).
+    """
+    return list(session.execute(
         select(EVENTS.c.id, EVENTS.c.type, EVENTS.c.name, cast(EVENTS.c.properties, Text), EVENTS.c.reason)
         .where(
             EVENTS.c.workspace_id == workspace_id,
@@ -116,9 +129,19 @@ def reprocess_chunk(session: Session, workspace_id: int, *, after: int = 0, limi
         )
         .order_by(EVENTS.c.id)
         .limit(limit)
-    ).all()
-    if not rows:
-        return ChunkResult(0, 0, None)
+    ).all())
+
+
+def apply_chunk(session: Session, workspace_id: int, rows: Sequence[Row]) -> int:
+    """Map the events ``read_chunk`` returned with the rules in force now; returns how many it claimed.
+
+    The rows may have been read in an earlier transaction: every decision is
+    made here, under ``hold_mapping`` with the rules loaded here, and the claim
+    re-checks that each event is still unmapped.
+    """
+    rules.hold_mapping(session, workspace_id)
+    features = usage.load_features(session, workspace_id)
+    by_name = _by_name(rules.load_rules(session, workspace_id))
     matched, reasons = _decide(rows, features, by_name)
 
     postgres = session.get_bind().dialect.name == "postgresql"
@@ -147,7 +170,7 @@ def reprocess_chunk(session: Session, workspace_id: int, *, after: int = 0, limi
                 .values(reason=bindparam("new_reason")),
                 [{"eid": i, "new_reason": r} for i, r in reasons],
             )
-    return ChunkResult(len(rows), mapped, rows[-1][0])
+    return mapped
 
 
 def _by_name(compiled: list[rules.CompiledRule]) -> dict[str | None, list[rules.CompiledRule]]:
@@ -290,38 +313,121 @@ def reprocess(
     progress: Callable[[Progress], None] | None = None,
     chunk: int = CHUNK,
     attempts: int = 5,
+    writers: int | None = None,
 ) -> Progress:
-    """Reprocess all of a workspace's unmapped events, one committed chunk at a time."""
+    """Reprocess all of a workspace's unmapped events, one committed chunk at a time.
+
+    The chunks are read in id order by a thread one chunk ahead (``_ReadAhead``)
+    and written by ``writers`` threads at once, each chunk in its own
+    transaction on its own connection (PostgreSQL: ``WRITERS``; SQLite, which
+    serialises writers anyway: one). Chunks hold disjoint events, and their
+    other locks (the workspace row, the users their usage references) are
+    shared ones, so writers do not wait for each other: PostgreSQL's work on
+    the writes, which bounds a run, uses more than one core.
+    """
     with sessions() as session:
         state = Progress(total=count_unmapped(session, workspace_id))
+        if writers is None:
+            writers = WRITERS if session.get_bind().dialect.name == "postgresql" else 1
     if progress is not None:
         progress(state)
-    cursor = 0
-    while True:
-        for attempt in range(attempts):
-            try:
-                with sessions.begin() as session:
-                    result = reprocess_chunk(session, workspace_id, after=cursor, limit=chunk)
-                break
-            except OperationalError as exc:
-                if attempt == attempts - 1 or not _retryable(exc):
-                    raise
-                log.info("reprocessing chunk after %s failed (%s); retrying", cursor, exc)
-                time.sleep(0.05 * (2**attempt))
-        if result.last_id is None:
-            break
-        cursor = result.last_id
-        state.scanned += result.scanned
-        state.mapped += result.mapped
+    in_flight: deque[tuple[int, Future[int]]] = deque()
+
+    def done() -> None:
+        scanned, mapped = in_flight.popleft()
+        state.scanned += scanned
+        state.mapped += mapped.result()
         state.chunks += 1
         # Live traffic can add unmapped events behind the starting count.
         state.total = max(state.total, state.scanned)
         if progress is not None:
             progress(state)
-        if result.scanned < chunk:
-            break
+
+    with _ReadAhead(sessions, workspace_id, chunk) as chunks, ThreadPoolExecutor(
+        max_workers=max(1, writers), thread_name_prefix=f"reprocess-write-{workspace_id}"
+    ) as pool:
+        try:
+            for rows in chunks:
+                in_flight.append((len(rows), pool.submit(_write, sessions, workspace_id, rows, attempts)))
+                if len(in_flight) >= writers:
+                    done()
+            while in_flight:
+                done()
+        finally:
+            for _, future in in_flight:
+                future.cancel()
     _durable(sessions)
     return state
+
+
+def _write(sessions: sessionmaker, workspace_id: int, rows: list[Row], attempts: int) -> int:
+    """One chunk in its own transaction, retried on a deadlock or serialization failure."""
+    attempt = 0
+    while True:
+        try:
+            with sessions.begin() as session:
+                return apply_chunk(session, workspace_id, rows)
+        except OperationalError as exc:
+            attempt += 1
+            if attempt >= attempts or not _retryable(exc):
+                raise
+            log.info("reprocessing chunk from event %s failed (%s); retrying", rows[0][0], exc)
+            time.sleep(0.05 * (2 ** (attempt - 1)))
+
+
+class _ReadAhead:
+    """The chunks of unmapped events in id order, each read by a thread one chunk ahead of the writer.
+
+    Each read is its own short read-only transaction; at most ``writers`` + 2
+    chunks are in memory (being written, waiting, being read). The reader
+    stops after a short chunk, or when the caller leaves the ``with`` block
+    (also on an error); a read error is raised in the caller.
+    """
+
+    def __init__(self, sessions: sessionmaker, workspace_id: int, limit: int) -> None:
+        self._sessions = sessions
+        self._workspace_id = workspace_id
+        self._limit = limit
+        self._ready: queue.Queue[list[Row] | BaseException | None] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"reprocess-read-{workspace_id}", daemon=True)
+
+    def __enter__(self) -> Iterator[list[Row]]:
+        self._thread.start()
+        return self._chunks()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _chunks(self) -> Iterator[list[Row]]:
+        while (item := self._ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self) -> None:
+        after = 0
+        try:
+            while not self._stop.is_set():
+                with self._sessions() as session:
+                    rows = read_chunk(read_only(session), self._workspace_id, after=after, limit=self._limit)
+                if rows:
+                    self._put(rows)
+                if len(rows) < self._limit:
+                    break
+                after = rows[-1][0]
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            self._put(exc)
+        self._put(None)
+
+    def _put(self, item: list[Row] | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
 
 def _durable(sessions: sessionmaker) -> None:
