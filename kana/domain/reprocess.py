@@ -346,16 +346,14 @@ def reprocess(
     with _ReadAhead(sessions, workspace_id, chunk) as chunks, ThreadPoolExecutor(
         max_workers=max(1, writers), thread_name_prefix=f"reprocess-write-{workspace_id}"
     ) as pool:
-        try:
-            for rows in chunks:
-                in_flight.append((len(rows), pool.submit(_write, sessions, workspace_id, rows, attempts)))
-                if len(in_flight) >= writers:
-                    done()
-            while in_flight:
+        # On an error the chunks already handed to writers still finish (leaving
+        # the pool waits for them): each is one transaction, whole or not at all.
+        for rows in chunks:
+            in_flight.append((len(rows), pool.submit(_write, sessions, workspace_id, rows, attempts)))
+            if len(in_flight) >= writers:
                 done()
-        finally:
-            for _, future in in_flight:
-                future.cancel()
+        while in_flight:
+            done()
     _durable(sessions)
     return state
 
