@@ -21,11 +21,20 @@ Idempotent, also against a concurrent run or live traffic:
   every event mapped with the old rules is committed before the reprocessing
   job that follows a change starts.
 
-Per chunk the work is set-based: one SELECT, the pure matcher in Python, then
-on PostgreSQL one statement (``UPDATE … FROM unnest(arrays) RETURNING`` feeding
-``INSERT … ON CONFLICT DO NOTHING``) claims the matched events and writes their
-usage; elsewhere one guarded UPDATE per matched feature plus an executemany
-INSERT. Memory is bounded by one chunk.
+Per chunk the work is set-based: one SELECT (``read_chunk``), the pure matcher
+in Python, then on PostgreSQL one statement (``UPDATE … FROM unnest(arrays)
+RETURNING`` feeding ``INSERT … ON CONFLICT DO NOTHING``) claims the matched
+events and writes their usage; elsewhere one guarded UPDATE per matched feature
+plus an executemany INSERT (``apply_chunk``). Those two are the only places
+reprocessing writes usage rows: anything kept in step with the ledger hooks
+there. Properties are read as stored text and decoded only for events that can
+map (a rule names the event, or the text can hold a ``featureId``).
+
+What bounds a run is PostgreSQL writing the claimed events (a new row version
+and an entry in each of events' indexes) and their usage rows (three foreign
+key checks each). So ``reprocess`` reads the next chunk on a thread while
+several chunks are written at once, each in its own transaction; memory is
+bounded by a few chunks.
 """
 
 from __future__ import annotations
