@@ -139,7 +139,8 @@ def _json_value(value: object) -> object:
 
 
 def insert_rows(session: SASession, table: Table, rows: list[dict], *, skip_conflicts: list[str] | None = None,
-                returning: list[str] | None = None) -> list[tuple]:
+                returning: list[str] | None = None,
+                add_on_conflict: tuple[list[str], list[str]] | None = None) -> list[tuple]:
     """Insert ``rows`` (dicts with the same keys) set-based; returns the ``returning`` columns of inserted rows.
 
     ``skip_conflicts`` names the unique key whose existing rows are skipped (ON
@@ -148,6 +149,9 @@ def insert_rows(session: SASession, table: Table, rows: list[dict], *, skip_conf
     short statement with one parameter whatever the row count, which psycopg
     prepares once, where a multi-row VALUES list has thousands of parameters
     to re-parse on every call (and arrays of text cost as much to escape).
+    ``add_on_conflict=(key, columns)`` makes it an accumulating upsert: a row whose
+    ``key`` exists adds its ``columns`` to the stored ones (the rows must not repeat
+    a key: one statement may not update a row twice).
     Elsewhere the dialect's INSERT with the same clauses.
     """
     if not rows:
@@ -169,6 +173,10 @@ def insert_rows(session: SASession, table: Table, rows: list[dict], *, skip_conf
                f"FROM json_to_recordset(CAST(:rows AS json)) AS r({', '.join(types)})")
         if skip_conflicts:
             sql += f" ON CONFLICT ({', '.join(skip_conflicts)}) DO NOTHING"
+        if add_on_conflict:
+            key, added = add_on_conflict
+            sets = ", ".join(f'"{n}" = {table.name}."{n}" + EXCLUDED."{n}"' for n in added)
+            sql += f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
         if returning:
             sql += f" RETURNING {', '.join(returning)}"
         result = session.execute(text(sql), {"rows": json.dumps(rows, default=_json_value)})
@@ -177,6 +185,10 @@ def insert_rows(session: SASession, table: Table, rows: list[dict], *, skip_conf
     stmt = module.insert(table) if module is not None else insert(table)
     if skip_conflicts and module is not None:
         stmt = stmt.on_conflict_do_nothing(index_elements=skip_conflicts)
+    if add_on_conflict and module is not None:
+        key, added = add_on_conflict
+        stmt = stmt.on_conflict_do_update(index_elements=key,
+                                          set_={n: table.c[n] + stmt.excluded[n] for n in added})
     if returning:
         return [tuple(r) for r in session.execute(stmt.returning(*(table.c[n] for n in returning)), rows)]
     session.execute(stmt, rows)

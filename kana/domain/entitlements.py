@@ -32,13 +32,13 @@ from typing import Any
 from redis import Redis
 from redis.commands.core import Script
 from redis.exceptions import RedisError
-from sqlalchemy import and_, func, insert, select
+from sqlalchemy import and_, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from kana.db import read_only
-from kana.domain import counters, identity, ledger
-from kana.models import Alert, Feature, PlanFeature, Usage, User, WebhookDelivery, Workspace
+from kana.domain import counters, identity, ledger, totals
+from kana.models import Alert, Feature, PlanFeature, User, WebhookDelivery, Workspace
 from kana.serializers import amount
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,7 @@ def plan_entitlements(session: Session, workspace_id: int, plan_id: str) -> dict
 
 def used(session: Session, workspace_id: int, kana_id: int, feature_id: str, period: str, now: datetime) -> Decimal:
     """Exactly the ledger's usage in the current period (merged users' usage moved to the survivor)."""
-    start, end = period_bounds(period, now)
-    return ledger.total(session, workspace_id, kana_id, feature_id, start, end)
+    return totals.total(session, workspace_id, kana_id, feature_id, period, period_bounds(period, now)[0])
 
 
 def user_entitlements(session: Session, workspace_id: int, user: User, now: datetime | None = None
@@ -296,40 +295,30 @@ def after_usage(session: Session, workspace_id: int, pairs: Iterable[tuple[int, 
     if not rows:
         return 0
     gen = counters.generation(workspace_id)
-    totals: dict[tuple[int, str], Decimal] = {}
-    groups: dict[tuple[str, str], list] = defaultdict(list)
+    sums: dict[tuple[int, str], Decimal] = {}
+    groups: dict[tuple[str, str], set[int]] = defaultdict(set)
     for row in rows:
-        groups[(row.PlanFeature.period, row.PlanFeature.feature_id)].append(row)
-    for (period, feature_id), group in groups.items():
-        start, end = period_bounds(period, now)
-        # Correlated per user, so each sum walks that user's rows of the period in
-        # ix_usage_user_feature_at, whatever the table's statistics say (an IN list
-        # let PostgreSQL scan the whole workspace's period instead).
-        summed = select(func.sum(Usage.delta)).where(
-            Usage.workspace_id == workspace_id, Usage.kana_id == User.kana_id, Usage.feature_id == feature_id)
-        if start is not None:
-            summed = summed.where(Usage.at >= start, Usage.at < end)
-        stmt = select(User.kana_id, summed.scalar_subquery()).where(
-            User.workspace_id == workspace_id, User.kana_id.in_(sorted({r.kana_id for r in group})))
-        sums = {k: ledger.to_decimal(v) for k, v in session.execute(stmt)}
-        for row in group:
-            totals[(row.kana_id, feature_id)] = sums.get(row.kana_id, Decimal(0))
+        groups[(row.PlanFeature.period, row.PlanFeature.feature_id)].add(row.kana_id)
+    for (period, feature_id), kana_ids in groups.items():
+        found = totals.totals_of(session, workspace_id, kana_ids, feature_id, period, period_bounds(period, now)[0])
+        for kana_id in kana_ids:
+            sums[(kana_id, feature_id)] = found.get(kana_id, Decimal(0))
     if gen is not None:
         for row in rows:
             pair = (row.kana_id, row.PlanFeature.feature_id)
             counters.add_total(session, workspace_id, gen, row.kana_id,
-                               f"{pair[1]}|{period_key(row.PlanFeature.period, now)}", str(totals[pair]))
-    return _alerts(session, workspace_id, rows, totals, now)
+                               f"{pair[1]}|{period_key(row.PlanFeature.period, now)}", str(sums[pair]))
+    return _alerts(session, workspace_id, rows, sums, now)
 
 
-def _alerts(session: Session, workspace_id: int, rows: list, totals: dict[tuple[int, str], Decimal],
+def _alerts(session: Session, workspace_id: int, rows: list, sums: dict[tuple[int, str], Decimal],
             now: datetime) -> int:
     crossed = []
     for row in rows:
         pf: PlanFeature = row.PlanFeature
         if pf.limit is None or not pf.thresholds:
             continue
-        total = totals[(row.kana_id, pf.feature_id)]
+        total = sums[(row.kana_id, pf.feature_id)]
         start, end = period_bounds(pf.period, now)
         for threshold in pf.thresholds:
             if total * 100 >= pf.limit * threshold:

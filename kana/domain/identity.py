@@ -18,7 +18,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from kana import errors
-from kana.domain import counters
+from kana.domain import counters, totals
 from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
 
 # Fields a merge fills from the merged-away users when the survivor lacks them.
@@ -374,6 +374,7 @@ def merge(
             .values(kana_id=survivor.kana_id)
             .execution_options(synchronize_session=False)
         )
+    totals.move(session, workspace_id, other_ids, survivor.kana_id)
     for field in FILLABLE:
         if getattr(survivor, field) is None:
             value = next((getattr(o, field) for o in others if getattr(o, field) is not None), None)
@@ -488,6 +489,7 @@ def delete_users(
             .where(model.workspace_id == workspace_id, model.kana_id.in_(ids))
             .execution_options(synchronize_session=False)
         ).rowcount
+    totals.drop(session, workspace_id, kana_ids=ids)
     if gdpr and user_ids:
         counts["dead_letters"] = session.execute(
             delete(DeadLetter).where(DeadLetter.workspace_id == workspace_id, DeadLetter.user_id.in_(user_ids))

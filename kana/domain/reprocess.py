@@ -44,7 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from kana.domain import counters, rules, usage
+from kana.domain import counters, rules, totals, usage
 from kana.models import Event, Usage, utcnow
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,11 @@ def reprocess_chunk(session: Session, workspace_id: int, *, after: int = 0, limi
         # chunks' effects, atomically: their events are still unmapped and the
         # (failed) job's next run maps them.
         session.execute(text("SET LOCAL synchronous_commit = off"))
-    mapped = 0
-    if matched:
-        mapped = (_claim_postgres if postgres else _claim)(session, workspace_id, matched)
-    if mapped:
+    recorded = (_claim_postgres if postgres else _claim)(session, workspace_id, matched) if matched else []
+    mapped = len(recorded)
+    if recorded:
+        # (kana_id, feature_id, at, delta) of the usage rows this chunk inserted
+        totals.add(session, workspace_id, recorded)
         # New usage for many users at once: the cached totals refill from the ledger.
         counters.touch(session, workspace_id)
     if reasons:
@@ -177,6 +178,7 @@ WITH matched (id, feature_id, delta) AS (
 INSERT INTO usage (workspace_id, kana_id, feature_id, delta, at, event_id, created_at)
 SELECT :ws, kana_id, feature_id, delta, timestamp, id, :now FROM claimed
 ON CONFLICT (event_id) DO NOTHING
+RETURNING kana_id, feature_id, at, delta
 """)
 
 
@@ -187,21 +189,20 @@ WHERE e.id = r.id AND e.workspace_id = :ws AND e.status = 'unmapped'
 """)
 
 
-def _claim_postgres(session: Session, workspace_id: int, matched: list[tuple[int, str, Decimal]]) -> int:
+def _claim_postgres(session: Session, workspace_id: int, matched: list[tuple[int, str, Decimal]]) -> list:
     ids, features, deltas = (list(column) for column in zip(*matched, strict=True))
-    result = session.execute(_CLAIM_PG, {"ids": ids, "features": features, "deltas": deltas,
-                                         "ws": workspace_id, "now": utcnow()})
-    return result.rowcount
+    return session.execute(_CLAIM_PG, {"ids": ids, "features": features, "deltas": deltas,
+                                       "ws": workspace_id, "now": utcnow()}).all()
 
 
-def _claim(session: Session, workspace_id: int, matched: list[tuple[int, str, Decimal]]) -> int:
+def _claim(session: Session, workspace_id: int, matched: list[tuple[int, str, Decimal]]) -> list:
     """The portable path (SQLite): one guarded UPDATE … RETURNING per feature, then the usage rows."""
     by_feature: dict[str, list[int]] = defaultdict(list)
     deltas: dict[int, Decimal] = {}
     for event_id, feature_id, delta in matched:
         by_feature[feature_id].append(event_id)
         deltas[event_id] = delta
-    mapped = 0
+    recorded = []
     now = utcnow()
     for feature_id, ids in by_feature.items():
         claimed = session.execute(
@@ -218,8 +219,8 @@ def _claim(session: Session, workspace_id: int, matched: list[tuple[int, str, De
         ).all()
         if not claimed:
             continue
-        session.execute(
-            _insert_usage(session),
+        recorded += session.execute(
+            _insert_usage(session).returning(USAGE.c.kana_id, USAGE.c.feature_id, USAGE.c.at, USAGE.c.delta),
             [
                 {
                     "workspace_id": workspace_id,
@@ -232,9 +233,8 @@ def _claim(session: Session, workspace_id: int, matched: list[tuple[int, str, De
                 }
                 for event_id, kana_id, at in claimed
             ],
-        )
-        mapped += len(claimed)
-    return mapped
+        ).all()
+    return recorded
 
 
 def _retryable(exc: OperationalError) -> bool:
