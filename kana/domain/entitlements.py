@@ -9,11 +9,12 @@ The cache, per workspace, under a generation number ``g`` (``kana:ent:{ws}:gen``
 * ``…:{g}:used:{kana_id}`` → hash ``"{feature_id}|{period key}"`` → the exact usage total.
 
 Workers write the totals of the (user, feature) pairs a chunk touched, as absolute
-values read in the chunk's transaction, after it commits (so a retried chunk writes
-the same numbers). Anything else that changes who a user is, a plan, or usage in
-bulk (merges, deletes, reprocessing, plan changes) calls ``counters.touch``: after its commit
-the generation moves on and the whole workspace's cache refills from PostgreSQL
-on the next checks. A generation is always read before the database, so a refill
+values read in the chunk's transaction (from ``kana.domain.totals``, kept beside the
+ledger), after it commits (so a retried chunk writes the same numbers). Anything else
+that changes who a user is, a plan, or usage in bulk (merges, deletes,
+reprocessing, plan changes) calls ``counters.touch``: after its commit the
+generation moves on and the whole workspace's cache refills from PostgreSQL on
+the next checks. A generation is always read before the database, so a refill
 racing a change can only write under a generation nobody reads any more.
 """
 
