@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -288,27 +287,23 @@ def after_usage(session: Session, workspace_id: int, pairs: Iterable[tuple[int, 
     now = now or datetime.now(UTC)
     kana_ids = sorted({k for k, _ in pairs})
     feature_ids = sorted({f for _, f in pairs})
+    # The plan features of the touched users, each with its current period's total, in one statement.
+    used_now = totals.current(workspace_id, User.kana_id, PlanFeature.feature_id, PlanFeature.period,
+                              ledger.floor(now, "day"), ledger.floor(now, "month"))
     rows = [r for r in session.execute(
-        select(User.kana_id, User.user_id, PlanFeature)
+        select(User.kana_id, User.user_id, PlanFeature, used_now.label("used"))
         .join(PlanFeature, and_(PlanFeature.workspace_id == User.workspace_id, PlanFeature.plan_id == User.plan_id))
         .where(User.workspace_id == workspace_id, User.kana_id.in_(kana_ids), PlanFeature.feature_id.in_(feature_ids))
     ).all() if (r.kana_id, r.PlanFeature.feature_id) in pairs]
     if not rows:
         return 0
+    sums = {(r.kana_id, r.PlanFeature.feature_id): ledger.to_decimal(r.used) for r in rows}
     gen = counters.generation(workspace_id)
-    sums: dict[tuple[int, str], Decimal] = {}
-    groups: dict[tuple[str, str], set[int]] = defaultdict(set)
-    for row in rows:
-        groups[(row.PlanFeature.period, row.PlanFeature.feature_id)].add(row.kana_id)
-    for (period, feature_id), kana_ids in groups.items():
-        found = totals.totals_of(session, workspace_id, kana_ids, feature_id, period, period_bounds(period, now)[0])
-        for kana_id in kana_ids:
-            sums[(kana_id, feature_id)] = found.get(kana_id, Decimal(0))
     if gen is not None:
         for row in rows:
-            pair = (row.kana_id, row.PlanFeature.feature_id)
             counters.add_total(session, workspace_id, gen, row.kana_id,
-                               f"{pair[1]}|{period_key(row.PlanFeature.period, now)}", str(sums[pair]))
+                               f"{row.PlanFeature.feature_id}|{period_key(row.PlanFeature.period, now)}",
+                               str(sums[(row.kana_id, row.PlanFeature.feature_id)]))
     return _alerts(session, workspace_id, rows, sums, now)
 
 

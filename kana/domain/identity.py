@@ -22,7 +22,9 @@ from kana.domain import counters, totals
 from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
 
 # Fields a merge fills from the merged-away users when the survivor lacks them.
-FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "group_name")
+# plan_id too: a paying user merged into an older record without a plan (a
+# billing import, say) must not lose their entitlements.
+FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "group_name", "plan_id")
 CHUNK = 500
 
 

@@ -26,12 +26,12 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import ScalarSelect, Select, case, delete, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from kana import db
 from kana.domain import ledger
-from kana.models import Usage, UsageTotal, User
+from kana.models import Usage, UsageTotal
 
 TOTALS = UsageTotal.__table__
 KEY = ["workspace_id", "kana_id", "feature_id", "period", "start"]
@@ -120,15 +120,18 @@ def total(session: Session, workspace_id: int, kana_id: int, feature_id: str, pe
     return ledger.to_decimal(session.scalar(_summed(workspace_id, kana_id, feature_id, period, start)))
 
 
-def totals_of(session: Session, workspace_id: int, kana_ids: Iterable[int], feature_id: str, period: str,
-              start: datetime | None) -> dict[int, Decimal]:
-    """``total`` for several users at once (users without usage are left out).
+def current(workspace_id: int, kana_id: Any, feature_id: Any, period: Any, day: datetime, month: datetime
+            ) -> ScalarSelect:
+    """A pair's total in the current ``period`` (day, month or none) as a scalar subquery whose
+    arguments may be columns of the enclosing query (``day``/``month``: the current periods' starts).
 
-    Correlated per user, so each one is a lookup by the table's primary key whatever
-    the statistics say (with an IN list a planner that thinks the table is tiny
-    scans all of it).
+    Correlated, so for each outer row it is a lookup by the table's primary key
+    whatever the statistics say (an IN list lets a planner that thinks the table
+    is tiny scan all of it).
     """
-    summed = _summed(workspace_id, User.kana_id, feature_id, period, start).scalar_subquery()
-    stmt = select(User.kana_id, summed).where(User.workspace_id == workspace_id,
-                                              User.kana_id.in_(sorted(set(kana_ids))))
-    return {k: ledger.to_decimal(v) for k, v in session.execute(stmt) if v is not None}
+    return select(func.sum(UsageTotal.total)).where(
+        UsageTotal.workspace_id == workspace_id, UsageTotal.kana_id == kana_id, UsageTotal.feature_id == feature_id,
+        UsageTotal.period == case((period == "day", "day"), else_="month"),
+        or_(period == "none", UsageTotal.start == case((period == "day", literal(day, UsageTotal.start.type)),
+                                                       else_=literal(month, UsageTotal.start.type))),
+    ).scalar_subquery()

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy import create_engine, func, insert, literal, select, text
 from sqlalchemy.orm import Session
 
 from kana import migrate
@@ -163,18 +163,23 @@ def test_the_migration_fills_totals_from_an_existing_ledger(tmp_path):
         admin.dispose()
 
 
-@pytest.mark.parametrize("period,start,expected", [
-    ("day", datetime(2026, 11, 30, tzinfo=UTC), {1: Decimal(1)}),
-    ("month", datetime(2026, 11, 1, tzinfo=UTC), {1: Decimal(3), 2: Decimal(5)}),
-    ("none", None, {1: Decimal(3), 2: Decimal(5)}),
+@pytest.mark.parametrize("period,expected", [
+    ("day", {1: Decimal(1)}),
+    ("month", {1: Decimal(3), 2: Decimal(5)}),
+    ("none", {1: Decimal(4), 2: Decimal(5)}),
 ])
-def test_totals_of_many_users_at_once(session, workspace, period, start, expected):
+def test_the_current_total_of_many_users_in_one_statement(session, workspace, period, expected):
     u1 = helpers.add_user(session, workspace.id, user_id="one")
     u2 = helpers.add_user(session, workspace.id, user_id="two")
     u3 = helpers.add_user(session, workspace.id, user_id="three")
     session.flush()
-    totals.add(session, workspace.id, [(u1.kana_id, "f", NOV, Decimal(1)), (u1.kana_id, "f", NOV.replace(day=2), 2),
-                                       (u2.kana_id, "f", NOV.replace(day=3), 5), (u3.kana_id, "g", NOV, 9)])
-    ids = {u1.kana_id: 1, u2.kana_id: 2}
-    got = totals.totals_of(session, workspace.id, [u1.kana_id, u2.kana_id, u3.kana_id], "f", period, start)
-    assert {ids[k]: v for k, v in got.items()} == expected
+    totals.add(session, workspace.id, [
+        (u1.kana_id, "f", NOV, Decimal(1)), (u1.kana_id, "f", NOV.replace(day=2), 2),
+        (u1.kana_id, "f", NOV.replace(month=10), 1),  # last month: only in the lifetime total
+        (u2.kana_id, "f", NOV.replace(day=3), 5), (u3.kana_id, "g", NOV, 9)])
+    used = totals.current(workspace.id, User.kana_id, literal("f"), literal(period),
+                          NOV.replace(hour=0), NOV.replace(day=1, hour=0))
+    got = dict(session.execute(select(User.kana_id, used).where(
+        User.workspace_id == workspace.id, User.kana_id.in_([u1.kana_id, u2.kana_id, u3.kana_id]))).all())
+    names = {u1.kana_id: 1, u2.kana_id: 2, u3.kana_id: 3}
+    assert {names[k]: v for k, v in got.items() if v is not None} == expected
