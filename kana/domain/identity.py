@@ -144,6 +144,9 @@ class Directory:
     here and ``UserRow``s in ``BatchDirectory``: one set of queries for both.
     """
 
+    # Most values one lookup takes (an IN list's parameters).
+    piece = CHUNK
+
     def __init__(self, session: Session, workspace_id: int) -> None:
         self.session = session
         self.workspace_id = workspace_id
@@ -169,8 +172,8 @@ class Directory:
 
     def preload(self, user_ids: Iterable[str]) -> None:
         wanted = sorted({u for u in user_ids if u not in self._cache})
-        for i in range(0, len(wanted), CHUNK):
-            chunk = wanted[i : i + CHUNK]
+        for i in range(0, len(wanted), self.piece):
+            chunk = wanted[i : i + self.piece]
             found = {
                 u.user_id: u
                 for (u,) in self._run(
@@ -193,9 +196,9 @@ class Directory:
         """The workspace's users with these kana_ids (the ones that exist)."""
         wanted = sorted(set(kana_ids))
         found: dict[int, User] = {}
-        for i in range(0, len(wanted), CHUNK):
+        for i in range(0, len(wanted), self.piece):
             stmt = self._select().where(User.workspace_id == self.workspace_id,
-                                        self._among(User.kana_id, wanted[i : i + CHUNK]))
+                                        self._among(User.kana_id, wanted[i : i + self.piece]))
             found.update((u.kana_id, u) for (u,) in self._run(stmt))
         return found
 
@@ -206,8 +209,8 @@ class Directory:
         rows are locked in kana_id order so two chunks can't wait on each other.
         """
         wanted = sorted({k for k in map(email_key, emails) if k and k not in self._unclaimed})
-        for i in range(0, len(wanted), CHUNK):
-            chunk = wanted[i : i + CHUNK]
+        for i in range(0, len(wanted), self.piece):
+            chunk = wanted[i : i + self.piece]
             for key in chunk:
                 self._unclaimed[key] = []
             stmt = (
@@ -295,6 +298,11 @@ class BatchDirectory(Directory):
     ``merge`` over ORM objects and carries the survivor back into its row.
     Call ``write`` before the transaction ends.
     """
+
+    @property
+    def piece(self) -> int:  # type: ignore[override]
+        # An array is one parameter however long: a chunk's lookups take one query each.
+        return 5000 if _is_postgres(self.session) else CHUNK
 
     def __init__(self, session: Session, workspace_id: int) -> None:
         super().__init__(session, workspace_id)

@@ -22,11 +22,13 @@ file changes nothing.
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -589,20 +591,38 @@ def run_import(
     created = 0
     next_analyze = ANALYZE_AFTER
     try:
-        for batch in _batched(parsed.rows(), chunk_size):
-            outcome = _apply_with_retry(sessions, workspace_id, provider, batch, import_id, actor, done + len(batch))
-            done += len(batch)
-            created += outcome.count("created")
-            if created >= next_analyze:
-                next_analyze = created * 2 if _refresh_statistics(sessions) else float("inf")
-            if progress is not None:
-                progress(done, parsed.total)
+        with _collector_spared():
+            for batch in _batched(parsed.rows(), chunk_size):
+                outcome = _apply_with_retry(sessions, workspace_id, provider, batch, import_id, actor,
+                                            done + len(batch))
+                done += len(batch)
+                created += outcome.count("created")
+                if created >= next_analyze:
+                    next_analyze = created * 2 if _refresh_statistics(sessions) else float("inf")
+                if progress is not None:
+                    progress(done, parsed.total)
     except CsvError as exc:
         return finish(sessions, import_id, "failed", exc.message)
     except OperationalError as exc:
         finish(sessions, import_id, "failed", f"the database failed: {str(exc.orig or exc).splitlines()[0]}")
         raise
     return finish(sessions, import_id, "finished", None)
+
+
+@contextmanager
+def _collector_spared() -> Iterator[None]:
+    """Keep the garbage collector off the objects that existed before the import while it runs.
+
+    An import allocates millions of short-lived objects, and each full
+    collection they trigger walked every long-lived object of the process too
+    (modules, SQLAlchemy's caches): 15% of a large import's time. Frozen, those
+    are skipped; they go back to the collector's care when the import ends.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _refresh_statistics(sessions: sessionmaker) -> bool:
