@@ -3,7 +3,7 @@
     python -m bench.plans [--events 1000000] [--users 20000]
 
 Needs DATABASE_URL (PostgreSQL; the database is migrated and a fresh
-workspace is used). Fills ``events``, ``usage`` and ``users`` with N rows
+workspace is used). Fills ``events``, ``usage`` (with its ``usage_totals``) and ``users`` with N rows
 without ANALYZE (as a new installation or a table growing between autovacuum
 runs looks to the planner), applies one chunk of every call kind (identify
 with a claim and a merge, track mapped and unmapped, page, group, alias,
@@ -30,7 +30,7 @@ from kana.domain import keys
 from kana.ingest import processor
 from kana.models import Feature, Plan, PlanFeature, User
 
-BIG = ("events", "usage", "users")  # tables that grow: a sequential scan of one is a slow plan
+BIG = ("events", "usage", "usage_totals", "users")  # tables that grow: a sequential scan of one is a slow plan
 
 
 def workspace(session_factory: sessionmaker) -> int:
@@ -62,6 +62,13 @@ def fill(conn: Connection, ws_id: int, events: int, users: int) -> None:
         "INSERT INTO usage (workspace_id, kana_id, feature_id, delta, at, event_id, created_at) "
         "SELECT workspace_id, kana_id, 'messages', 1, timestamp, id, now() FROM events "
         "WHERE workspace_id = :ws AND message_id LIKE 'fill-%'"), {"ws": ws_id})
+    # The running totals of that usage, one row per user and day/month, as the workers keep them.
+    conn.execute(text(
+        "INSERT INTO usage_totals (workspace_id, kana_id, feature_id, period, start, total) "
+        "SELECT workspace_id, kana_id, feature_id, p.period, "
+        "date_trunc(p.period, at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', sum(delta) "
+        "FROM usage CROSS JOIN (VALUES ('day'), ('month')) AS p (period) "
+        "WHERE workspace_id = :ws GROUP BY 1, 2, 3, 4, 5"), {"ws": ws_id})
 
 
 def chunk(ws_id: int, users: int) -> list[dict]:
@@ -79,6 +86,8 @@ def chunk(ws_id: int, users: int) -> list[dict]:
         call("identify", b, traits={"email": "merge@example.com"}),  # merges with the unclaimed user
         call("track", a, event="Message Sent", properties={"featureId": "messages", "delta": 2}),
         call("track", "new-2", event="Message Sent", properties={"featureId": "messages"}),
+        # A user on the plan who stays: the alert check reads its totals.
+        call("track", "user-2", event="Message Sent", properties={"featureId": "messages"}),
         call("track", b, event="Report Exported", properties={"format": "csv"}),
         call("page", c, name="Pricing", properties={"url": "https://example.com"}),
         call("group", c, groupId="acme", traits={"name": "Acme"}),

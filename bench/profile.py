@@ -1,6 +1,6 @@
 """Where a worker's time goes: the benchmark's workload, drained in-process under cProfile.
 
-    python -m bench.profile [--events 20000] [--users 2000] [--top 25]
+    python -m bench.profile [--events 20000] [--users 2000] [--top 25] [--plan]
 
 Needs DATABASE_URL and REDIS_URL (PostgreSQL and Redis, as for bench.run). The
 calls go through the real receiver (Flask test client) into Redis, then every
@@ -18,6 +18,8 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from sqlalchemy import update
+
 import config
 import jobs
 from app import create_app
@@ -25,7 +27,9 @@ from bench import RESULTS, write_report
 from bench.run import ROOT, new_workspace, steady_users, stored, workload
 from jobs import events as event_jobs
 from kana import db, migrate
+from kana.domain import plans
 from kana.ingest import spool
+from kana.models import User
 
 
 def top(stats: pstats.Stats, key: str, n: int) -> list[dict]:
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--users", type=int, default=2000, help="users created before the clock starts")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--plan", action="store_true",
+                    help="every user on a plan limiting messages with alert thresholds (the entitlement work)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
@@ -58,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     runtime.redis.flushdb()
     ws_id, key = new_workspace()
     steady_users(ws_id, args.users)
+    if args.plan:
+        with db.SessionLocal.begin() as s:
+            plans.create_plan(s, ws_id, {"id": "pro", "name": "Pro", "features": [
+                {"feature_id": "messages", "limit": 10**9, "period": "month", "thresholds": [80, 100]}]})
+            s.execute(update(User).where(User.workspace_id == ws_id).values(plan_id="pro"))
     calls = workload(args.events, args.users)
     client = app.test_client()
     for i in range(0, len(calls), 100):
@@ -78,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "when": datetime.now(UTC).isoformat(),
         "events": len(calls),
+        "users_on_a_plan": args.plan,
         "database": db.get_engine().url.render_as_string(hide_password=True).split("@")[-1],
         "events_per_s_under_profiler": len(calls) / elapsed,
         "top_own": top(stats, "tottime", args.top),

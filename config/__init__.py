@@ -22,6 +22,11 @@ class Settings:
     # Events are partitioned by (workspace, userId): one partition is drained by
     # one worker at a time, which serialises all calls of a user.
     partitions: int = 16
+    # Partitions one drain job takes in turn: a push that wakes many partitions
+    # queues a job per group rather than per partition (each RQ job costs
+    # dozens of Redis commands, which at a moderate steady flow, where each
+    # partition holds a few calls, cost more than the calls).
+    drain_group: int = 4
     batch_size: int = 500
     # A drain's partition lock lives this long unless its heartbeat (every third
     # of it) renews it: a dead worker's partition is free after at most this many
@@ -86,6 +91,7 @@ def load(environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         data_dir=data_dir,
         queue_name=env.get("KANA_QUEUE", "kana"),
         partitions=int(env.get("KANA_PARTITIONS", 16)),
+        drain_group=int(env.get("KANA_DRAIN_GROUP", 4)),
         batch_size=int(env.get("KANA_BATCH_SIZE", 500)),
         lock_ttl=float(env.get("KANA_LOCK_TTL", 5)),
         takeover_interval=float(env.get("KANA_TAKEOVER_INTERVAL", 2)),

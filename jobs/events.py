@@ -38,17 +38,30 @@ def _apply(rt: Runtime, calls: list[dict]) -> None:
     rt.redis.hincrby(PROCESSED_KEY, "processed", outcome.applied)
 
 
-def drain(partition: int) -> dict:
+def drain(partitions: list[int] | int) -> dict:
+    """Drain each partition in turn (a job queued before groups names one, as an int)."""
     rt = runtime()
     settings = rt.settings
-    result = spool.drain(
-        rt.redis,
-        partition,
-        partial(_apply, rt),
-        batch_size=settings.batch_size,
-        lock_ttl=settings.lock_ttl,
-        max_seconds=TIME_SLICE,
-    )
-    if result.yielded:
-        rt.wake([partition])
-    return {"partition": partition, "chunks": result.chunks, "events": result.events}
+    todo = [partitions] if isinstance(partitions, int) else list(partitions)
+    chunks = events = 0
+    try:
+        while todo:
+            result = spool.drain(
+                rt.redis,
+                todo[0],
+                partial(_apply, rt),
+                batch_size=settings.batch_size,
+                lock_ttl=settings.lock_ttl,
+                max_seconds=TIME_SLICE,
+            )
+            done = todo.pop(0)
+            if result.yielded:
+                rt.wake([done])
+            chunks, events = chunks + result.chunks, events + result.events
+    finally:
+        if len(todo) > 1:
+            # The partitions after a failing one still have their wake flag raised
+            # and no other job coming: give them one before failing. (The failing
+            # one is left to the takeover, which spaces its retries.)
+            rt.wake(todo[1:])
+    return {"partitions": partitions, "chunks": chunks, "events": events}

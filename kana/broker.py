@@ -56,25 +56,33 @@ def wake(redis: Redis, settings: Settings, partitions: set[int] | list[int], *, 
 
 
 def enqueue_drains(redis: Redis, settings: Settings, partitions: list[int], *, at_front: bool = False) -> int:
-    """Enqueue one drain job per partition (whose wake flag the caller raised)."""
+    """Enqueue drain jobs for the partitions whose wake flag the caller raised, each job
+    taking up to ``settings.drain_group`` of them in turn; returns the jobs enqueued.
+
+    Each raised flag is still covered by exactly one job; groups are spread over
+    jobs so that a push waking every partition keeps several workers busy.
+    """
     if not partitions:
         return 0
+    size = max(1, settings.drain_group)
+    jobs = -(-len(partitions) // size)
+    groups = [sorted(partitions[i::jobs]) for i in range(jobs)]
     q = job_queue(redis, settings)
     q.enqueue_many(
         [
             Queue.prepare_data(
                 spool.DRAIN_JOB,
-                args=(p,),
+                args=(group,),
                 timeout=max(600, int(settings.lock_ttl * 4)),
                 result_ttl=60,
                 failure_ttl=7 * 24 * 3600,
-                job_id=spool.drain_job_id(p),
+                job_id=spool.drain_job_id(group),
                 at_front=at_front,
             )
-            for p in partitions
+            for group in groups
         ]
     )
-    return len(partitions)
+    return len(groups)
 
 
 def take_over(redis: Redis, settings: Settings, suspects: set[int]) -> tuple[list[int], set[int]]:
@@ -86,7 +94,7 @@ def take_over(redis: Redis, settings: Settings, suspects: set[int]) -> tuple[lis
     retries of a partition whose drain keeps failing. Returns (woken, suspects
     for the next look).
     """
-    coming = {p for p in map(spool.partition_of_job, job_queue(redis, settings).get_job_ids()) if p is not None}
+    coming = {p for job_id in job_queue(redis, settings).get_job_ids() for p in spool.partitions_of_job(job_id)}
     left, idle = spool.abandoned(redis, settings.partitions, coming)
     due = left + [p for p in idle if p in suspects]
     if not due:

@@ -11,7 +11,7 @@ import os
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import Engine, Table, create_engine, event, insert, text
+from sqlalchemy import Column, Engine, Table, bindparam, create_engine, event, func, insert, select, text, update
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session as SASession
@@ -122,10 +122,7 @@ def assign_ids(session: SASession) -> None:
     with session.no_autoflush:
         for cls, objs in pending.items():
             column = sa_inspect(cls).primary_key[0]
-            ids = session.execute(
-                text("SELECT nextval(pg_get_serial_sequence(:table, :column)) FROM generate_series(1, :n)"),
-                {"table": column.table.name, "column": column.name, "n": len(objs)},
-            ).scalars().all()
+            ids = next_ids(session, column, len(objs)) or []
             for obj, new_id in zip(objs, ids, strict=True):
                 setattr(obj, column.key, new_id)
 
@@ -138,46 +135,123 @@ def _json_value(value: object) -> object:
     raise TypeError(f"cannot send {type(value).__name__} as JSON")
 
 
+def _recordset(session: SASession, table: Table, rows: list[dict]) -> tuple[str, str]:
+    """``rows`` as a PostgreSQL ``json_to_recordset(...) AS r(...)`` source and its JSON parameter.
+
+    One short statement with one parameter whatever the row count, which
+    psycopg prepares once, where a multi-row VALUES list has thousands of
+    parameters to re-parse on every call (and arrays of text cost as much to
+    escape).
+    """
+    names = list(rows[0])
+    dialect = session.get_bind().dialect
+    decorated = {n: table.c[n].type for n in names if isinstance(table.c[n].type, TypeDecorator)}
+    if decorated:
+        rows = [{**row, **{n: kind.process_bind_param(row[n], dialect) for n, kind in decorated.items()}}
+                for row in rows]
+    types = []
+    for name in names:
+        kind = table.c[name].type
+        kind = kind.load_dialect_impl(dialect) if isinstance(kind, TypeDecorator) else kind
+        types.append(f'"{name}" {kind.compile(dialect=dialect)}')
+    return (f"json_to_recordset(CAST(:rows AS json)) AS r({', '.join(types)})",
+            json.dumps(rows, default=_json_value))
+
+
 def insert_rows(session: SASession, table: Table, rows: list[dict], *, skip_conflicts: list[str] | None = None,
-                returning: list[str] | None = None) -> list[tuple]:
+                returning: list[str] | None = None,
+                add_on_conflict: tuple[list[str], list[str]] | None = None) -> list[tuple]:
     """Insert ``rows`` (dicts with the same keys) set-based; returns the ``returning`` columns of inserted rows.
 
     ``skip_conflicts`` names the unique key whose existing rows are skipped (ON
     CONFLICT DO NOTHING: the key decides, with no lookup first). On PostgreSQL
-    the rows travel as one JSON document expanded by ``json_to_recordset``: one
-    short statement with one parameter whatever the row count, which psycopg
-    prepares once, where a multi-row VALUES list has thousands of parameters
-    to re-parse on every call (and arrays of text cost as much to escape).
-    Elsewhere the dialect's INSERT with the same clauses.
+    the rows travel as one JSON document (``_recordset``); elsewhere the
+    dialect's INSERT with the same clauses. ``add_on_conflict=(key, columns)``
+    makes it an accumulating upsert: a row whose ``key`` exists adds its
+    ``columns`` to the stored ones (the rows must not repeat a key: one statement
+    may not update a row twice).
     """
     if not rows:
         return []
     names = list(rows[0])
     dialect = session.get_bind().dialect
     if dialect.name == "postgresql":
-        decorated = {n: table.c[n].type for n in names if isinstance(table.c[n].type, TypeDecorator)}
-        if decorated:
-            rows = [{**row, **{n: kind.process_bind_param(row[n], dialect) for n, kind in decorated.items()}}
-                    for row in rows]
-        types = []
-        for name in names:
-            kind = table.c[name].type
-            kind = kind.load_dialect_impl(dialect) if isinstance(kind, TypeDecorator) else kind
-            types.append(f'"{name}" {kind.compile(dialect=dialect)}')
+        source, document = _recordset(session, table, rows)
         quoted = ", ".join(f'"{n}"' for n in names)
-        sql = (f"INSERT INTO {table.name} ({quoted}) SELECT {quoted} "
-               f"FROM json_to_recordset(CAST(:rows AS json)) AS r({', '.join(types)})")
+        sql = f"INSERT INTO {table.name} ({quoted}) SELECT {quoted} FROM {source}"
         if skip_conflicts:
             sql += f" ON CONFLICT ({', '.join(skip_conflicts)}) DO NOTHING"
+        if add_on_conflict:
+            key, added = add_on_conflict
+            sets = ", ".join(f'"{n}" = {table.name}."{n}" + EXCLUDED."{n}"' for n in added)
+            sql += f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
         if returning:
             sql += f" RETURNING {', '.join(returning)}"
-        result = session.execute(text(sql), {"rows": json.dumps(rows, default=_json_value)})
+        result = session.execute(text(sql), {"rows": document})
         return [tuple(r) for r in result] if returning else []
     module = sqlite if dialect.name == "sqlite" else None
     stmt = module.insert(table) if module is not None else insert(table)
     if skip_conflicts and module is not None:
         stmt = stmt.on_conflict_do_nothing(index_elements=skip_conflicts)
+    if add_on_conflict and module is not None:
+        key, added = add_on_conflict
+        stmt = stmt.on_conflict_do_update(index_elements=key,
+                                          set_={n: table.c[n] + stmt.excluded[n] for n in added})
     if returning:
         return [tuple(r) for r in session.execute(stmt.returning(*(table.c[n] for n in returning)), rows)]
     session.execute(stmt, rows)
     return []
+
+
+def next_ids(session: SASession, column: Column, n: int) -> list[int] | None:
+    """``n`` new values of an auto-incremented primary key, in one query; None where there is no sequence.
+
+    Keys known before the INSERT tie each inserted row to its key without
+    relying on the order RETURNING hands rows back in.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        # SQLite numbers a new row max(rowid) + 1 (no AUTOINCREMENT in this schema), and a
+        # writing transaction holds the database's write lock (BEGIN IMMEDIATE): the same keys.
+        top = session.execute(select(func.max(column))).scalar() or 0
+        return list(range(top + 1, top + n + 1))
+    if dialect != "postgresql":
+        return None
+    return list(session.execute(
+        text("SELECT nextval(pg_get_serial_sequence(:table, :column)) FROM generate_series(1, :n)"),
+        {"table": column.table.name, "column": column.name, "n": n},
+    ).scalars())
+
+
+def insert_keyed(session: SASession, table: Table, key: str, rows: list[dict]) -> list[int]:
+    """Insert ``rows`` set-based and return their new ``key`` values (an auto-incremented primary key), in order."""
+    if not rows:
+        return []
+    ids = next_ids(session, table.c[key], len(rows))
+    if ids is not None:
+        insert_rows(session, table, [{key: i, **row} for i, row in zip(ids, rows, strict=True)])
+        return ids
+    # Elsewhere SQLAlchemy's insertmanyvalues sorts RETURNING rows back into row order.
+    stmt = insert(table).returning(table.c[key], sort_by_parameter_order=True)
+    return list(session.execute(stmt, rows).scalars())
+
+
+def update_rows(session: SASession, table: Table, key: str, rows: list[dict]) -> int:
+    """Update rows by ``key`` set-based: each dict holds its key and the same other columns; returns rows matched.
+
+    On PostgreSQL one ``UPDATE … FROM json_to_recordset(...)`` (``_recordset``);
+    elsewhere an executemany of one UPDATE by key.
+    """
+    if not rows:
+        return 0
+    names = [n for n in rows[0] if n != key]
+    if session.get_bind().dialect.name == "postgresql":
+        source, document = _recordset(session, table, rows)
+        assignments = ", ".join(f'"{n}" = r."{n}"' for n in names)
+        sql = f'UPDATE {table.name} AS t SET {assignments} FROM {source} WHERE t."{key}" = r."{key}"'
+        return session.execute(text(sql), {"rows": document}).rowcount
+    # bindparam names may not repeat the columns' own (SQLAlchemy reserves those for SET).
+    stmt = (update(table).where(table.c[key] == bindparam(f"k_{key}"))
+            .values({n: bindparam(f"v_{n}") for n in names}))
+    params = [{f"k_{key}": row[key], **{f"v_{n}": row[n] for n in names}} for row in rows]
+    return session.execute(stmt, params).rowcount

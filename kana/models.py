@@ -222,6 +222,26 @@ class Usage(Base):
     user: Mapped[User] = relationship()
 
 
+class UsageTotal(Base):
+    """Running usage totals per user, feature and calendar-UTC day and month.
+
+    What entitlement checks and alerts read instead of summing the ledger: kept in
+    the same transaction as every change to ``usage`` (``kana.domain.totals``), so
+    they are exactly the ledger's sums. Lifetime totals add up the month rows.
+    """
+
+    __tablename__ = "usage_totals"
+
+    workspace_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # No foreign key: rows go with their user (merge, delete) in the same transaction,
+    # and a chunk need not lock the user row a second time.
+    kana_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    feature_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    period: Mapped[str] = mapped_column(String(5), primary_key=True)  # day | month
+    start: Mapped[datetime] = mapped_column(primary_key=True)
+    total: Mapped[Decimal] = mapped_column(Amount)
+
+
 class Audit(Base):
     """Merges, deletes and alias calls: who or what triggered them, ids, time."""
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime
+from collections import defaultdict
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from sqlalchemy import func, select
@@ -12,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from kana.db import SessionLocal, read_only
 from kana.domain import identity
-from kana.models import Feature, Usage, User
+from kana.models import Feature, Usage, UsageTotal, User
 
 # --- users ---------------------------------------------------------------------------------
 
@@ -92,3 +93,30 @@ def count(model, ws_id: int, *where) -> int:
     """Rows of ``model`` in the workspace (read-only, like ``usage_total``)."""
     with read_only(SessionLocal()) as s:
         return s.scalar(select(func.count()).select_from(model).where(model.workspace_id == ws_id, *where))
+
+
+def totals_mismatches() -> list[tuple]:
+    """Where ``usage_totals`` differs from the ledger's own day and month sums (empty: they agree).
+
+    Summed independently of ``kana.domain.totals``, from one snapshot of both tables.
+    """
+    def utc(value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    expected: dict[tuple, Decimal] = defaultdict(Decimal)
+    found: dict[tuple, Decimal] = {}
+    with SessionLocal() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            s.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        for ws, kana_id, feature_id, at, delta in s.execute(
+                select(Usage.workspace_id, Usage.kana_id, Usage.feature_id, Usage.at, Usage.delta)):
+            at = utc(at)
+            expected[(ws, kana_id, feature_id, "day", f"{at:%Y-%m-%d}")] += delta
+            expected[(ws, kana_id, feature_id, "month", f"{at:%Y-%m}")] += delta
+        for row in s.scalars(select(UsageTotal)):
+            start = utc(row.start)
+            name = f"{start:%Y-%m-%d}" if row.period == "day" else f"{start:%Y-%m}"
+            found[(row.workspace_id, row.kana_id, row.feature_id, row.period, name)] = row.total
+    return [(key, expected.get(key), found.get(key)) for key in sorted(set(expected) | set(found))
+            if abs(expected.get(key, Decimal(0)) - found.get(key, Decimal(0))) > Decimal("1e-6")
+            or (key in expected) != (key in found)]

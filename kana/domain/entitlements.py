@@ -9,11 +9,12 @@ The cache, per workspace, under a generation number ``g`` (``kana:ent:{ws}:gen``
 * ``…:{g}:used:{kana_id}`` → hash ``"{feature_id}|{period key}"`` → the exact usage total.
 
 Workers write the totals of the (user, feature) pairs a chunk touched, as absolute
-values read in the chunk's transaction, after it commits (so a retried chunk writes
-the same numbers). Anything else that changes who a user is, a plan, or usage in
-bulk (merges, deletes, reprocessing, plan changes) calls ``counters.touch``: after its commit
-the generation moves on and the whole workspace's cache refills from PostgreSQL
-on the next checks. A generation is always read before the database, so a refill
+values read in the chunk's transaction (from ``kana.domain.totals``, kept beside the
+ledger), after it commits (so a retried chunk writes the same numbers). Anything else
+that changes who a user is, a plan, or usage in bulk (merges, deletes,
+reprocessing, plan changes) calls ``counters.touch``: after its commit the
+generation moves on and the whole workspace's cache refills from PostgreSQL on
+the next checks. A generation is always read before the database, so a refill
 racing a change can only write under a generation nobody reads any more.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,13 +32,13 @@ from typing import Any
 from redis import Redis
 from redis.commands.core import Script
 from redis.exceptions import RedisError
-from sqlalchemy import and_, func, insert, select
+from sqlalchemy import and_, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from kana.db import read_only
-from kana.domain import counters, identity, ledger
-from kana.models import Alert, Feature, PlanFeature, Usage, User, WebhookDelivery, Workspace
+from kana.domain import counters, identity, ledger, totals
+from kana.models import Alert, Feature, PlanFeature, User, WebhookDelivery, Workspace
 from kana.serializers import amount
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,7 @@ def plan_entitlements(session: Session, workspace_id: int, plan_id: str) -> dict
 
 def used(session: Session, workspace_id: int, kana_id: int, feature_id: str, period: str, now: datetime) -> Decimal:
     """Exactly the ledger's usage in the current period (merged users' usage moved to the survivor)."""
-    start, end = period_bounds(period, now)
-    return ledger.total(session, workspace_id, kana_id, feature_id, start, end)
+    return totals.total(session, workspace_id, kana_id, feature_id, period, period_bounds(period, now)[0])
 
 
 def user_entitlements(session: Session, workspace_id: int, user: User, now: datetime | None = None
@@ -288,48 +287,34 @@ def after_usage(session: Session, workspace_id: int, pairs: Iterable[tuple[int, 
     now = now or datetime.now(UTC)
     kana_ids = sorted({k for k, _ in pairs})
     feature_ids = sorted({f for _, f in pairs})
+    # The plan features of the touched users, each with its current period's total, in one statement.
+    used_now = totals.current(workspace_id, User.kana_id, PlanFeature.feature_id, PlanFeature.period,
+                              ledger.floor(now, "day"), ledger.floor(now, "month"))
     rows = [r for r in session.execute(
-        select(User.kana_id, User.user_id, PlanFeature)
+        select(User.kana_id, User.user_id, PlanFeature, used_now.label("used"))
         .join(PlanFeature, and_(PlanFeature.workspace_id == User.workspace_id, PlanFeature.plan_id == User.plan_id))
         .where(User.workspace_id == workspace_id, User.kana_id.in_(kana_ids), PlanFeature.feature_id.in_(feature_ids))
     ).all() if (r.kana_id, r.PlanFeature.feature_id) in pairs]
     if not rows:
         return 0
+    sums = {(r.kana_id, r.PlanFeature.feature_id): ledger.to_decimal(r.used) for r in rows}
     gen = counters.generation(workspace_id)
-    totals: dict[tuple[int, str], Decimal] = {}
-    groups: dict[tuple[str, str], list] = defaultdict(list)
-    for row in rows:
-        groups[(row.PlanFeature.period, row.PlanFeature.feature_id)].append(row)
-    for (period, feature_id), group in groups.items():
-        start, end = period_bounds(period, now)
-        # Correlated per user, so each sum walks that user's rows of the period in
-        # ix_usage_user_feature_at, whatever the table's statistics say (an IN list
-        # let PostgreSQL scan the whole workspace's period instead).
-        summed = select(func.sum(Usage.delta)).where(
-            Usage.workspace_id == workspace_id, Usage.kana_id == User.kana_id, Usage.feature_id == feature_id)
-        if start is not None:
-            summed = summed.where(Usage.at >= start, Usage.at < end)
-        stmt = select(User.kana_id, summed.scalar_subquery()).where(
-            User.workspace_id == workspace_id, User.kana_id.in_(sorted({r.kana_id for r in group})))
-        sums = {k: ledger.to_decimal(v) for k, v in session.execute(stmt)}
-        for row in group:
-            totals[(row.kana_id, feature_id)] = sums.get(row.kana_id, Decimal(0))
     if gen is not None:
         for row in rows:
-            pair = (row.kana_id, row.PlanFeature.feature_id)
             counters.add_total(session, workspace_id, gen, row.kana_id,
-                               f"{pair[1]}|{period_key(row.PlanFeature.period, now)}", str(totals[pair]))
-    return _alerts(session, workspace_id, rows, totals, now)
+                               f"{row.PlanFeature.feature_id}|{period_key(row.PlanFeature.period, now)}",
+                               str(sums[(row.kana_id, row.PlanFeature.feature_id)]))
+    return _alerts(session, workspace_id, rows, sums, now)
 
 
-def _alerts(session: Session, workspace_id: int, rows: list, totals: dict[tuple[int, str], Decimal],
+def _alerts(session: Session, workspace_id: int, rows: list, sums: dict[tuple[int, str], Decimal],
             now: datetime) -> int:
     crossed = []
     for row in rows:
         pf: PlanFeature = row.PlanFeature
         if pf.limit is None or not pf.thresholds:
             continue
-        total = totals[(row.kana_id, pf.feature_id)]
+        total = sums[(row.kana_id, pf.feature_id)]
         start, end = period_bounds(pf.period, now)
         for threshold in pf.thresholds:
             if total * 100 >= pf.limit * threshold:

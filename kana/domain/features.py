@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from kana.domain import counters, rules
+from kana.domain import counters, rules, totals
 from kana.errors import Conflict, KanaError, NotFound
 from kana.models import Event, Feature, PlanFeature, Usage
 
@@ -164,6 +164,7 @@ def delete_feature(session: Session, workspace_id: int, feature_id: str, *, forc
             .where(Usage.workspace_id == workspace_id, Usage.feature_id == feature_id)
             .execution_options(synchronize_session=False)
         )
+        totals.drop(session, workspace_id, feature_id=feature_id)
         counters.touch(session, workspace_id)
     session.delete(feature)
     session.flush()

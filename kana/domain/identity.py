@@ -6,23 +6,35 @@ and one merge function (``merge``). identify is built from them (``update_user``
 rule 1, ``create_or_claim`` for rule 2), and so is the CSV import, which only adds
 its own addressing (kana_id, email-only rows) on top. Every caller (identify,
 alias, API, CLI, CSV, dashboard) goes through them.
+
+The rules read and set a user's attributes and nothing else, so they run the
+same over ORM ``User`` objects (``Directory``) and over the plain ``UserRow``s of
+a ``BatchDirectory``, which writes a whole batch's changes with a few multi-row
+statements instead of flushing an object per row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, any_, bindparam, delete, select, update
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
-from kana import errors
-from kana.domain import counters
-from kana.models import Alias, Audit, DeadLetter, Event, Usage, User
+from kana import db, errors
+from kana.domain import counters, totals
+from kana.models import Alias, Audit, DeadLetter, Event, Usage, User, utcnow
 
 # Fields a merge fills from the merged-away users when the survivor lacks them.
-FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "group_name")
+# plan_id too: a paying user merged into an older record without a plan (a
+# billing import, say) must not lose their entitlements.
+FILLABLE = ("email", "name", "billing_id", "billing_provider", "group_id", "group_name", "plan_id")
 CHUNK = 500
 
 
@@ -69,12 +81,73 @@ def find_user(session: Session, workspace_id: int, user_id: str) -> User | None:
     )
 
 
+USERS = User.__table__
+# The users columns, which are also User's attribute names (and UserRow's).
+FIELDS = tuple(c.key for c in USERS.columns)
+_BLANK = dict.fromkeys(FIELDS)
+
+
+class UserRow:
+    """A users row held by a ``BatchDirectory``: User's columns as plain attributes.
+
+    The rules read and set the same attributes on it as on a ``User``; a set
+    is noted (the column, and the row in its directory's list of changed rows),
+    so the batch's write sends only the rows and columns that changed, without
+    the ORM's per-object bookkeeping.
+    """
+
+    kana_id: int
+    workspace_id: int
+    user_id: str | None
+    email: str | None
+    email_key: str | None
+    name: str | None
+    billing_id: str | None
+    billing_provider: str | None
+    group_id: str | None
+    group_name: str | None
+    source: str
+    locale: str | None
+    timezone: str | None
+    plan_id: str | None
+    traits_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    gone: bool
+
+    def __init__(self, values: dict[str, Any], sink: list[UserRow] | None = None) -> None:
+        state = self.__dict__  # set directly: these are not changes
+        if len(values) < len(_BLANK):
+            state.update(_BLANK)
+        state.update(values)
+        state["gone"] = False  # merged away in this transaction
+        # Columns set since the row was last written; None while it is not inserted yet.
+        state["_changed"] = None if sink is None else set()
+        state["_sink"] = sink
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        changed = self._changed
+        if changed is not None:
+            if not changed:
+                self._sink.append(self)
+            changed.add(name)
+
+    def __repr__(self) -> str:
+        return f"UserRow(kana_id={self.kana_id!r}, user_id={self.user_id!r})"
+
+
 class Directory:
     """``find_user`` with a per-transaction cache, preloaded for a whole batch, and the
     unclaimed users of the batch's emails (whom an identify may claim or merge).
 
     Merges (``Directory.merge``) and deletes clear it (they are rare; correctness beats cleverness).
+    The lookups go through ``_select``/``_run``, which hand out ORM ``User`` objects
+    here and ``UserRow``s in ``BatchDirectory``: one set of queries for both.
     """
+
+    # Most values one lookup takes (an IN list's parameters).
+    piece = CHUNK
 
     def __init__(self, session: Session, workspace_id: int) -> None:
         self.session = session
@@ -83,26 +156,53 @@ class Directory:
         # email_key -> unclaimed users (no user_id), locked, for a chunk's identify calls.
         self._unclaimed: dict[str, list[User]] = {}
 
+    def _select(self, *lead: Any) -> Select:
+        """What a lookup selects: the ``lead`` columns, then the user."""
+        return select(*lead, User)
+
+    def _run(self, stmt: Select) -> Iterator[tuple]:
+        """A lookup's rows as tuples: the lead columns, then the user."""
+        return iter(self.session.execute(stmt))
+
+    def _among(self, column: Any, values: list) -> Any:
+        """``column IN values``."""
+        return column.in_(values)
+
+    def write(self) -> None:
+        """Make the users created or changed so far visible to queries (for ORM objects: a flush)."""
+        self.session.flush()
+
     def preload(self, user_ids: Iterable[str]) -> None:
         wanted = sorted({u for u in user_ids if u not in self._cache})
-        for i in range(0, len(wanted), CHUNK):
-            chunk = wanted[i : i + CHUNK]
+        for i in range(0, len(wanted), self.piece):
+            chunk = wanted[i : i + self.piece]
             found = {
                 u.user_id: u
-                for u in self.session.scalars(
-                    select(User).where(User.workspace_id == self.workspace_id, User.user_id.in_(chunk))
+                for (u,) in self._run(
+                    self._select().where(User.workspace_id == self.workspace_id, self._among(User.user_id, chunk))
                 )
             }
             missing = [u for u in chunk if u not in found]
             if missing:
-                rows = self.session.execute(
-                    select(Alias.alias, User)
+                rows = self._run(
+                    self._select(Alias.alias)
+                    .select_from(Alias)
                     .join(User, User.kana_id == Alias.kana_id)
-                    .where(Alias.workspace_id == self.workspace_id, Alias.alias.in_(missing))
+                    .where(Alias.workspace_id == self.workspace_id, self._among(Alias.alias, missing))
                 )
                 found.update({alias: user for alias, user in rows})
             for u in chunk:
                 self._cache[u] = found.get(u)
+
+    def by_kana_id(self, kana_ids: Iterable[int]) -> dict[int, User]:
+        """The workspace's users with these kana_ids (the ones that exist)."""
+        wanted = sorted(set(kana_ids))
+        found: dict[int, User] = {}
+        for i in range(0, len(wanted), self.piece):
+            stmt = self._select().where(User.workspace_id == self.workspace_id,
+                                        self._among(User.kana_id, wanted[i : i + self.piece]))
+            found.update((u.kana_id, u) for (u,) in self._run(stmt))
+        return found
 
     def preload_unclaimed(self, emails: Iterable[str]) -> None:
         """Load (and on PostgreSQL lock) the unclaimed users of these emails in one query.
@@ -111,18 +211,19 @@ class Directory:
         rows are locked in kana_id order so two chunks can't wait on each other.
         """
         wanted = sorted({k for k in map(email_key, emails) if k and k not in self._unclaimed})
-        for i in range(0, len(wanted), CHUNK):
-            chunk = wanted[i : i + CHUNK]
+        for i in range(0, len(wanted), self.piece):
+            chunk = wanted[i : i + self.piece]
             for key in chunk:
                 self._unclaimed[key] = []
             stmt = (
-                select(User)
-                .where(User.workspace_id == self.workspace_id, User.email_key.in_(chunk), User.user_id.is_(None))
+                self._select()
+                .where(User.workspace_id == self.workspace_id, self._among(User.email_key, chunk),
+                       User.user_id.is_(None))
                 .order_by(User.kana_id)
             )
             if _is_postgres(self.session):
                 stmt = stmt.with_for_update()
-            for user in self.session.scalars(stmt):
+            for (user,) in self._run(stmt):
                 self._unclaimed[user.email_key].append(user)
 
     def unclaimed(self, email: str, exclude: User | None = None) -> list[User]:
@@ -133,7 +234,7 @@ class Directory:
         """
         key = email_key(email)
         if key not in self._unclaimed:
-            self.session.flush()  # pending claims must be visible to the query
+            self.write()  # pending claims must be visible to the query
             self.preload_unclaimed([email])
         found = [u for u in self._unclaimed[key]
                  if u.user_id is None and u.email_key == key and u is not exclude]
@@ -147,6 +248,10 @@ class Directory:
             known = self._unclaimed.get(user.email_key)
             if known is not None and not any(u is user for u in known):
                 known.append(user)
+
+    def merged_away(self, user: User) -> bool:
+        """Whether a merge in this transaction removed ``user``."""
+        return sa_inspect(user).was_deleted
 
     def find(self, user_id: str) -> User | None:
         if user_id not in self._cache:
@@ -180,6 +285,131 @@ class Directory:
         survivor = merge(self.session, self.workspace_id, users, trigger=trigger, actor=actor, detail=detail)
         self.clear()
         return survivor
+
+
+class BatchDirectory(Directory):
+    """A Directory whose users are ``UserRow``s, written set-based by ``write``.
+
+    The same lookups and the same rules as ``Directory``, for a batch of
+    changes (a CSV chunk today; made to serve the Segment chunk path too):
+    users are loaded with Core queries into ``UserRow``s (one per kana_id for
+    the whole transaction, like the ORM's identity map), and ``write`` sends
+    what the rules did since the last write: the new users in one multi-row
+    INSERT (their kana_ids drawn up front), changed users in one UPDATE per set
+    of changed columns. ``merge`` writes what is pending, then runs the one
+    ``merge`` over ORM objects and carries the survivor back into its row.
+    Call ``write`` before the transaction ends.
+    """
+
+    @property
+    def piece(self) -> int:  # type: ignore[override]
+        # An array is one parameter however long: a chunk's lookups take one query each.
+        return 5000 if _is_postgres(self.session) else CHUNK
+
+    def __init__(self, session: Session, workspace_id: int) -> None:
+        super().__init__(session, workspace_id)
+        self._rows: dict[int, UserRow] = {}
+        self._new: list[UserRow] = []
+        self._dirty: list[UserRow] = []  # rows with changes not written yet (each row's sink)
+
+    def _select(self, *lead: Any) -> Select:
+        return select(*lead, *USERS.columns)
+
+    def _among(self, column: Any, values: list) -> Any:
+        """On PostgreSQL ``column = ANY(array)``: one parameter, where an IN list of a
+        thousand has a thousand for SQLAlchemy to render and psycopg to parse on every call."""
+        if not _is_postgres(self.session):
+            return column.in_(values)
+        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+
+    def _run(self, stmt: Select) -> Iterator[tuple]:
+        # Plain rows through the session's connection: no ORM loading, and
+        # nothing of this directory waits in the session to be flushed first.
+        lead = len(stmt.selected_columns) - len(FIELDS)
+        known, sink = self._rows, self._dirty
+        for row in self.session.connection().execute(stmt):
+            values = row[lead:]
+            # The transaction's one UserRow per user: its state here is at least as new as the database's.
+            user = known.get(values[0])
+            if user is None:
+                user = known[values[0]] = UserRow(dict(zip(FIELDS, values, strict=True)), sink)
+            yield (*row[:lead], user)
+
+    def merged_away(self, user: UserRow) -> bool:  # type: ignore[override]
+        return user.gone
+
+    def find(self, user_id: str) -> UserRow | None:  # type: ignore[override]
+        if user_id not in self._cache:
+            self.preload([user_id])
+        return self._cache[user_id]
+
+    def add(self, user_id: str | None, traits: Traits, at: datetime | None, *, source: str) -> UserRow:  # type: ignore[override]
+        now = utcnow()
+        user = UserRow({"workspace_id": self.workspace_id, "user_id": user_id, "source": source,
+                        "created_at": now, "updated_at": now})
+        apply_traits(user, traits, at)
+        self._new.append(user)
+        if user_id is not None:
+            self.remember(user_id, user)
+        self.note(user)
+        return user
+
+    def write(self) -> None:
+        """Insert the new users (they get their kana_ids) and update the changed ones."""
+        if self._new:
+            new, self._new = self._new, []
+            # Columns no new user has a value for are left to their NULL default: a shorter document.
+            columns = [f for f in FIELDS if f != "kana_id" and any(u.__dict__[f] is not None for u in new)]
+            values = [{f: u.__dict__[f] for f in columns} for u in new]
+            for user, kana_id in zip(new, db.insert_keyed(self.session, USERS, "kana_id", values), strict=True):
+                object.__setattr__(user, "kana_id", kana_id)
+                object.__setattr__(user, "_changed", set())
+                object.__setattr__(user, "_sink", self._dirty)
+                self._rows[kana_id] = user
+        if self._dirty:
+            changed = list(self._dirty)
+            self._dirty.clear()  # the same list: every row holds it
+            groups: dict[tuple[str, ...], list[UserRow]] = defaultdict(list)
+            for user in changed:
+                columns = tuple(sorted(user._changed.intersection(FIELDS)))
+                user._changed.clear()
+                if columns and not user.gone:
+                    groups[columns].append(user)
+            now = utcnow()
+            for columns, users in groups.items():
+                rows = [{"kana_id": u.kana_id, **{c: getattr(u, c) for c in columns}, "updated_at": now}
+                        for u in users]
+                if db.update_rows(self.session, USERS, "kana_id", rows) < len(rows):
+                    raise Conflict("a user this batch changes no longer exists")
+                for u in users:
+                    object.__setattr__(u, "updated_at", now)
+            # ORM copies of these users (a caller's, a merge's) must not serve stale values.
+            identity_map = self.session.identity_map
+            for user in changed:
+                held = identity_map.get(identity_key(User, user.kana_id))
+                if held is not None:
+                    self.session.expire(held)
+
+    def merge(self, users: list[UserRow], *, trigger: str, actor: str | None = None,  # type: ignore[override]
+              detail: dict | None = None) -> UserRow:
+        """Write what is pending, ``merge`` the users' ORM objects, and carry the outcome back into the rows."""
+        self.write()
+        ids = sorted({u.kana_id for u in users})
+        loaded = list(self.session.scalars(
+            select(User).where(User.workspace_id == self.workspace_id, User.kana_id.in_(ids))
+            .execution_options(populate_existing=True)
+        ))
+        if len(loaded) != len(ids):
+            raise Conflict("a user to merge no longer exists")
+        survivor = merge(self.session, self.workspace_id, loaded, trigger=trigger, actor=actor, detail=detail)
+        for kana_id in ids:
+            if kana_id != survivor.kana_id and (gone := self._rows.pop(kana_id, None)) is not None:
+                object.__setattr__(gone, "gone", True)
+        row = self._rows[survivor.kana_id]
+        for name in FIELDS:
+            object.__setattr__(row, name, getattr(survivor, name))
+        self.clear()
+        return row
 
 
 def aliases_of(session: Session, workspace_id: int, kana_id: int) -> list[str]:
@@ -374,6 +604,7 @@ def merge(
             .values(kana_id=survivor.kana_id)
             .execution_options(synchronize_session=False)
         )
+    totals.move(session, workspace_id, other_ids, survivor.kana_id)
     for field in FILLABLE:
         if getattr(survivor, field) is None:
             value = next((getattr(o, field) for o in others if getattr(o, field) is not None), None)
@@ -488,6 +719,7 @@ def delete_users(
             .where(model.workspace_id == workspace_id, model.kana_id.in_(ids))
             .execution_options(synchronize_session=False)
         ).rowcount
+    totals.drop(session, workspace_id, kana_ids=ids)
     if gdpr and user_ids:
         counts["dead_letters"] = session.execute(
             delete(DeadLetter).where(DeadLetter.workspace_id == workspace_id, DeadLetter.user_id.in_(user_ids))

@@ -26,9 +26,10 @@ in Python, then on PostgreSQL one statement (``UPDATE … FROM unnest(arrays)
 RETURNING`` feeding ``INSERT … ON CONFLICT DO NOTHING``) claims the matched
 events and writes their usage; elsewhere one guarded UPDATE per matched feature
 plus an executemany INSERT (``apply_chunk``). Those two are the only places
-reprocessing writes usage rows: anything kept in step with the ledger hooks
-there. Properties are read as stored text and decoded only for events that can
-map (a rule names the event, or the text can hold a ``featureId``).
+reprocessing writes usage rows; they return the rows inserted, which
+``totals.add`` adds to the running totals in the same transaction.
+Properties are read as stored text and decoded only for events that can map
+(a rule names the event, or the text can hold a ``featureId``).
 
 What bounds a run is PostgreSQL writing the claimed events (a new row version
 and an entry in each of events' indexes) and their usage rows (three foreign
@@ -58,7 +59,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from kana.db import read_only
-from kana.domain import counters, rules, usage
+from kana.domain import counters, rules, totals, usage
 from kana.models import Event, Feature, Usage, utcnow
 
 log = logging.getLogger(__name__)
@@ -161,10 +162,11 @@ def apply_chunk(session: Session, workspace_id: int, rows: Sequence[Row]) -> int
         # chunks' effects, atomically: their events are still unmapped and the
         # (failed) job's next run maps them.
         session.execute(text("SET LOCAL synchronous_commit = off"))
-    mapped = 0
-    if matched:
-        mapped = (_claim_postgres if postgres else _claim)(session, workspace_id, matched)
-    if mapped:
+    recorded = (_claim_postgres if postgres else _claim)(session, workspace_id, matched) if matched else []
+    mapped = len(recorded)
+    if recorded:
+        # (kana_id, feature_id, at, delta) of the usage rows this chunk inserted
+        totals.add(session, workspace_id, recorded)
         # New usage for many users at once: the cached totals refill from the ledger.
         counters.touch(session, workspace_id)
     if reasons:
@@ -249,6 +251,7 @@ WITH matched (id, feature_id, delta) AS (
 INSERT INTO usage (workspace_id, kana_id, feature_id, delta, at, event_id, created_at)
 SELECT :ws, kana_id, feature_id, delta, timestamp, id, :now FROM claimed
 ON CONFLICT (event_id) DO NOTHING
+RETURNING kana_id, feature_id, at, delta
 """)
 
 
@@ -259,21 +262,20 @@ WHERE e.id = r.id AND e.workspace_id = :ws AND e.status = 'unmapped'
 """)
 
 
-def _claim_postgres(session: Session, workspace_id: int, matched: list[Matched]) -> int:
+def _claim_postgres(session: Session, workspace_id: int, matched: list[Matched]) -> list:
     ids, features, deltas = (list(column) for column in zip(*matched, strict=True))
-    result = session.execute(_CLAIM_PG, {"ids": ids, "features": features, "deltas": deltas,
-                                         "ws": workspace_id, "now": utcnow()})
-    return result.rowcount
+    return session.execute(_CLAIM_PG, {"ids": ids, "features": features, "deltas": deltas,
+                                       "ws": workspace_id, "now": utcnow()}).all()
 
 
-def _claim(session: Session, workspace_id: int, matched: list[Matched]) -> int:
+def _claim(session: Session, workspace_id: int, matched: list[Matched]) -> list:
     """The portable path (SQLite): one guarded UPDATE … RETURNING per feature, then the usage rows."""
     by_feature: dict[str, list[int]] = defaultdict(list)
     deltas: dict[int, Decimal] = {}
     for event_id, feature_id, delta in matched:
         by_feature[feature_id].append(event_id)
         deltas[event_id] = delta
-    mapped = 0
+    recorded = []
     now = utcnow()
     for feature_id, ids in by_feature.items():
         claimed = session.execute(
@@ -290,8 +292,8 @@ def _claim(session: Session, workspace_id: int, matched: list[Matched]) -> int:
         ).all()
         if not claimed:
             continue
-        session.execute(
-            _insert_usage(session),
+        recorded += session.execute(
+            _insert_usage(session).returning(USAGE.c.kana_id, USAGE.c.feature_id, USAGE.c.at, USAGE.c.delta),
             [
                 {
                     "workspace_id": workspace_id,
@@ -304,9 +306,8 @@ def _claim(session: Session, workspace_id: int, matched: list[Matched]) -> int:
                 }
                 for event_id, kana_id, at in claimed
             ],
-        )
-        mapped += len(claimed)
-    return mapped
+        ).all()
+    return recorded
 
 
 def _retryable(exc: OperationalError) -> bool:
@@ -330,9 +331,10 @@ def reprocess(
     and written by ``writers`` threads at once, each chunk in its own
     transaction on its own connection (PostgreSQL: ``WRITERS``; SQLite, which
     serialises writers anyway: one). Chunks hold disjoint events, and their
-    other locks (the workspace row, the users their usage references) are
-    shared ones, so writers do not wait for each other: PostgreSQL's work on
-    the writes, which bounds a run, uses more than one core.
+    locks on the workspace row and on the users their usage references are
+    shared ones, so writers wait for each other only on the running totals
+    they both add to, at the end of a chunk and in key order (no deadlock):
+    PostgreSQL's work on the writes, which bounds a run, uses more than one core.
     """
     with sessions() as session:
         state = Progress(total=count_unmapped(session, workspace_id))

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from kana import db
-from kana.domain import entitlements, identity, rules, usage
+from kana.domain import entitlements, identity, rules, totals, usage
 from kana.domain.billing import provider_of
 from kana.errors import KanaError
 from kana.ingest import spool
@@ -213,6 +213,9 @@ class _Workspace:
         if self._usage:
             rows = [{**row, "kana_id": user.kana_id} for row, user in self._usage]
             db.insert_rows(self.session, USAGE, rows)
+            # Only new events get here (insert_events skipped the stored ones), so
+            # every row is new to the ledger and to its totals.
+            totals.add(self.session, self.row.id, ((r["kana_id"], r["feature_id"], r["at"], r["delta"]) for r in rows))
             self.recorded.update((r["kana_id"], r["feature_id"]) for r in rows)
         self._kana, self._usage = [], []
 

@@ -57,15 +57,16 @@ def takeover_key(p: int) -> str:
     return f"{PREFIX}:takeover:{p}"
 
 
-def drain_job_id(p: int) -> str:
-    """A drain job's RQ id names its partition, so a look at the queue says which partitions have one coming."""
-    return f"drain-{p}-{uuid.uuid4().hex}"
+def drain_job_id(partitions: list[int]) -> str:
+    """A drain job's RQ id names its partitions (``drain-3_7_12-…``), so a look at the queue
+    says which partitions have one coming."""
+    return f"drain-{'_'.join(map(str, partitions))}-{uuid.uuid4().hex}"
 
 
-def partition_of_job(job_id: str) -> int | None:
+def partitions_of_job(job_id: str) -> list[int]:
     kind, _, rest = job_id.partition("-")
-    number = rest.partition("-")[0]
-    return int(number) if kind == "drain" and number.isdigit() else None
+    numbers = rest.partition("-")[0].split("_")
+    return [int(n) for n in numbers] if kind == "drain" and all(n.isdigit() for n in numbers) else []
 
 
 # A wake flag outlives a lost job by at most this long; the recovery job covers the gap.

@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from kana.api.common import encode_cursor
 from kana.db import SessionLocal
-from kana.domain import flags, identity, ledger
+from kana.domain import flags, identity, ledger, totals
 from kana.ingest import spool
 from kana.models import ApiKey, Audit, DeadLetter, Event, Usage, User
 from tests.helpers import add_feature as make_feature
@@ -34,6 +34,7 @@ def add_usage(ws_id: int, kana_id: int, delta, at: datetime, feature_id: str = "
         s.add(event)
         s.add(Usage(workspace_id=ws_id, kana_id=kana_id, feature_id=feature_id, delta=Decimal(str(delta)), at=at,
                     event=event))
+        totals.add(s, ws_id, [(kana_id, feature_id, at, Decimal(str(delta)))])
         s.flush()
         return event.id
 

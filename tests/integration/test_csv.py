@@ -9,13 +9,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from kana.cli import main as cli
 from kana.db import SessionLocal
 from kana.domain import flags, identity
 from kana.imports import csvfile
-from kana.models import Alias, Audit, CsvImport, User
+from kana.models import Alias, Audit, CsvImport
 from tests.conftest import worker_env
 from tests.helpers import add_user, users_of
 
@@ -176,17 +175,19 @@ def test_import_row_errors_name_field_and_line(session, workspace):
 
 
 def test_database_refusal_fails_only_that_row(session, workspace):
-    """A chunk whose flush fails is re-applied row by row; only the refused row fails."""
+    """A chunk whose write fails is re-applied row by row; only the refused row fails."""
 
-    def refuse(sess, _ctx, _instances):
-        if any(isinstance(o, User) and o.name == "refuse me" for o in [*sess.new, *sess.dirty]):
-            raise IntegrityError("INSERT INTO users", {}, Exception("simulated constraint violation"))
+    def refuse(_conn, _cursor, statement, parameters, _context, _many):  # noqa: ANN001
+        # The database refuses any statement that would write this row, however the rows are sent.
+        if statement.lstrip().startswith(("INSERT INTO users", "UPDATE users")) and "refuse me" in str(parameters):
+            raise IntegrityError(statement, {}, Exception("simulated constraint violation"))
 
-    event.listen(Session, "before_flush", refuse)
+    engine = session.get_bind()
+    event.listen(engine, "before_cursor_execute", refuse)
     try:
         results = run(session, workspace.id, "user_id,name\nu1,One\nu2,refuse me\nu3,Three\n")
     finally:
-        event.remove(Session, "before_flush", refuse)
+        event.remove(engine, "before_cursor_execute", refuse)
     assert [results[n].status for n in (2, 3, 4)] == ["created", "failed", "created"]
     assert "simulated constraint violation" in results[3].errors["row"]
     assert {u.user_id for u in users_of(session, workspace.id)} == {"u1", "u3"}

@@ -360,3 +360,19 @@ def test_csv_import_plan_column_sets_the_plan_and_the_next_check_sees_it(client,
     assert answer["access"] is True and answer["used"] == 2
 
 
+
+
+def test_a_merge_keeps_the_plan_of_a_merged_away_user(client, workspace, work):
+    """The survivor (created first) fills a missing plan from the others, like any blank."""
+    setup_plan(client, workspace, limit=100)
+    send(client, workspace, [track("old", delta=1)])
+    work()
+    send(client, workspace, [track("young", delta=2)])
+    work()
+    assign(client, workspace, "young")
+    resp = api(client, workspace, "POST", "/api/v1/users/merge",
+               json={"kana_ids": [kana_id_of(workspace.id, "young"), kana_id_of(workspace.id, "old")]})
+    assert resp.status_code == 200, resp.get_json()
+    assert resp.get_json()["user_id"] == "old" and resp.get_json()["plan_id"] == "pro"
+    body = check(client, workspace, "young")
+    assert body["access"] and body["used"] == 3 and body["limit"] == 100

@@ -26,7 +26,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
-from kana.domain import identity
+from kana.domain import identity, totals
 from kana.domain.identity import Directory, Traits
 from kana.imports import csvfile
 from kana.ingest import processor
@@ -249,12 +249,15 @@ def test_merge_survivor_is_oldest_fills_blanks_and_moves_rows(session, ws):
     session.add(ev)
     session.flush()
     session.add(Usage(workspace_id=ws, kana_id=young.kana_id, feature_id="f", delta=Decimal(3), at=T0, event_id=ev.id))
+    totals.add(session, ws, [(young.kana_id, "f", T0, Decimal(3))])
     session.flush()
     survivor = identity.merge(session, ws, [young, old], trigger="api", actor="test")
     assert survivor.kana_id == old.kana_id
     assert (survivor.name, survivor.email, survivor.billing_id) == ("Old name", "Y@example.com", "cus_Y")
     assert session.scalar(select(Event.kana_id).where(Event.id == ev.id)) == old.kana_id
     assert session.scalar(select(func.sum(Usage.delta)).where(Usage.kana_id == old.kana_id)) == 3
+    assert totals.total(session, ws, old.kana_id, "f", "none", None) == 3  # the totals moved too
+    assert totals.total(session, ws, young.kana_id, "f", "none", None) == 0
     assert identity.aliases_of(session, ws, old.kana_id) == ["young"]
     assert identity.find_user(session, ws, "young").kana_id == old.kana_id
 

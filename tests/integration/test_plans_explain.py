@@ -30,7 +30,13 @@ def test_no_chunk_statement_scans_a_growing_table(postgres, fresh: bool) -> None
 
     statements = [p["statement"] for p in explained]
     assert any(s.startswith("INSERT INTO events") for s in statements)
-    assert any(s.startswith("INSERT INTO usage") for s in statements)
+    assert any(s.startswith("INSERT INTO usage ") for s in statements)
+    # The totals the entitlement cache and alerts read: upserted, then read per user by key.
+    assert any(p["statement"].startswith("INSERT INTO usage_totals")
+               and "Conflict Resolution: UPDATE" in "\n".join(p["plan"]) for p in explained)
+    assert any(s.startswith("SELECT users.kana_id") and "usage_totals_pkey" in "\n".join(p["plan"])
+               for s, p in zip(statements, explained, strict=True))
+    assert not any(s.startswith("SELECT") and "sum(usage.delta)" in s for s in statements)
     assert any(s.startswith("DELETE FROM events") for s in statements)  # the GDPR delete ran
     assert any(s.startswith("UPDATE events SET kana_id") for s in statements)  # merges ran
     # No lookup of the chunk's messageIds before inserting: the unique key decides.

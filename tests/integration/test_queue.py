@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -156,3 +157,40 @@ def test_recover_wakes_stranded_partitions_only(redis, ws, runtime, work):
     assert stored(ws) == 20
 
 
+
+
+def test_a_push_waking_many_partitions_queues_a_job_per_group(redis, ws, runtime):
+    """Each raised flag is covered by exactly one job, groups spread over several jobs."""
+    from kana import broker
+
+    settings = dataclasses.replace(runtime.settings, drain_group=4)
+    woken = list(range(10))
+    assert broker.enqueue_drains(redis, settings, woken) == 3
+    named = [spool.partitions_of_job(j) for j in broker.job_queue(redis, settings).get_job_ids()]
+    assert sorted(p for group in named for p in group) == woken
+    assert all(len(group) <= 4 for group in named)
+
+
+def test_a_failing_partition_hands_the_rest_of_its_job_on(redis, ws, runtime, monkeypatch):
+    """A drain job whose first partition fails re-wakes the partitions it did not get to."""
+    from jobs import events as event_jobs
+    from kana import broker
+
+    parts = runtime.settings.partitions
+    users = {}
+    for i in range(200):  # one user in each of three partitions
+        users.setdefault(spool.partition_of(ws, f"u{i}", parts), f"u{i}")
+    first, *rest = sorted(users)[:3]
+    spool.push(redis, [call(ws, i, user=users[p]) for i, p in enumerate([first, *rest])], parts)
+    real = spool.drain
+
+    def failing(redis_, partition, *args, **kwargs):
+        if partition == first:
+            raise RuntimeError("the database rejected the chunk")
+        return real(redis_, partition, *args, **kwargs)
+
+    monkeypatch.setattr(spool, "drain", failing)
+    with pytest.raises(RuntimeError):
+        event_jobs.drain([first, *rest])
+    coming = [spool.partitions_of_job(j) for j in broker.job_queue(redis, runtime.settings).get_job_ids()]
+    assert sorted(p for group in coming for p in group) == sorted(rest)

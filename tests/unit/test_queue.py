@@ -14,3 +14,12 @@ def test_one_user_always_lands_in_one_partition():
     assert len(spread) == 16
 
 
+
+
+def test_a_drain_job_id_names_its_partitions():
+    assert spool.partitions_of_job(spool.drain_job_id([3, 7, 12])) == [3, 7, 12]
+    assert spool.partitions_of_job(spool.drain_job_id([5])) == [5]
+    # A job queued before jobs took groups of partitions: drain-<p>-<uuid>.
+    assert spool.partitions_of_job("drain-9-0f1e2d3c4b5a69788796a5b4c3d2e1f0") == [9]
+    assert spool.partitions_of_job("webhook-17") == []
+    assert spool.partitions_of_job("drain-x_1-abc") == []
