@@ -162,11 +162,15 @@ def apply_chunk(session: Session, workspace_id: int, rows: Sequence[Row]) -> int
         # chunks' effects, atomically: their events are still unmapped and the
         # (failed) job's next run maps them.
         session.execute(text("SET LOCAL synchronous_commit = off"))
-    recorded = (_claim_postgres if postgres else _claim)(session, workspace_id, matched) if matched else []
-    mapped = len(recorded)
-    if recorded:
+    mapped = 0
+    if matched and postgres:
+        mapped = _claim_postgres(session, workspace_id, matched)  # adds to the totals itself
+    elif matched:
+        recorded = _claim(session, workspace_id, matched)
         # (kana_id, feature_id, at, delta) of the usage rows this chunk inserted
         totals.add(session, workspace_id, recorded)
+        mapped = len(recorded)
+    if mapped:
         # New usage for many users at once: the cached totals refill from the ledger.
         counters.touch(session, workspace_id)
     if reasons:
@@ -236,8 +240,9 @@ def _decide(rows: Sequence[Row], features: dict[str, Feature],
 # On PostgreSQL one statement claims the chunk's matched events and writes their
 # usage: arrays travel as three parameters (psycopg caches the query; thousands of
 # IN-list parameters would be re-parsed on every call), the UPDATE's row locks and
-# re-checked ``status = 'unmapped'`` make the claim exclusive, and the INSERT takes
-# kana_id and time from the claimed rows.
+# re-checked ``status = 'unmapped'`` make the claim exclusive, the INSERT takes
+# kana_id and time from the claimed rows, and their running totals are added
+# in the same statement.
 _CLAIM_PG = text("""
 WITH matched (id, feature_id, delta) AS (
     SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:features AS varchar[]), CAST(:deltas AS numeric[]))
@@ -247,11 +252,16 @@ WITH matched (id, feature_id, delta) AS (
     FROM matched
     WHERE e.id = matched.id AND e.workspace_id = :ws AND e.status = 'unmapped' AND e.kana_id IS NOT NULL
     RETURNING e.id, e.kana_id, e.timestamp, matched.feature_id, matched.delta
+), inserted AS (
+    INSERT INTO usage (workspace_id, kana_id, feature_id, delta, at, event_id, created_at)
+    SELECT :ws, kana_id, feature_id, delta, timestamp, id, :now FROM claimed
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING kana_id, feature_id, at, delta
+), added AS (
+""" + totals.ADD_PG.format(rows="inserted") + """
+    RETURNING 1
 )
-INSERT INTO usage (workspace_id, kana_id, feature_id, delta, at, event_id, created_at)
-SELECT :ws, kana_id, feature_id, delta, timestamp, id, :now FROM claimed
-ON CONFLICT (event_id) DO NOTHING
-RETURNING kana_id, feature_id, at, delta
+SELECT count(*) FROM inserted
 """)
 
 
@@ -262,10 +272,11 @@ WHERE e.id = r.id AND e.workspace_id = :ws AND e.status = 'unmapped'
 """)
 
 
-def _claim_postgres(session: Session, workspace_id: int, matched: list[Matched]) -> list:
+def _claim_postgres(session: Session, workspace_id: int, matched: list[Matched]) -> int:
+    """Claims, usage rows and their totals in one statement; returns the usage rows inserted."""
     ids, features, deltas = (list(column) for column in zip(*matched, strict=True))
     return session.execute(_CLAIM_PG, {"ids": ids, "features": features, "deltas": deltas,
-                                       "ws": workspace_id, "now": utcnow()}).all()
+                                       "ws": workspace_id, "now": utcnow()}).scalar_one()
 
 
 def _claim(session: Session, workspace_id: int, matched: list[Matched]) -> list:

@@ -34,6 +34,20 @@ from kana.domain import ledger
 from kana.models import Usage, UsageTotal
 
 TOTALS = UsageTotal.__table__
+
+# ``add`` inside a PostgreSQL statement, for usage rows another part of it inserted
+# (``rows``: a CTE of kana_id, feature_id, at, delta; ``:ws`` the workspace): the
+# same calendar-UTC buckets as ``buckets``, summed and upserted in key order
+# without a round trip through Python.
+ADD_PG = """
+    INSERT INTO usage_totals (workspace_id, kana_id, feature_id, period, start, total)
+    SELECT :ws, r.kana_id, r.feature_id, p.period, date_trunc(p.period, r.at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+           sum(r.delta)
+    FROM {rows} AS r CROSS JOIN (VALUES ('day'), ('month')) AS p (period)
+    GROUP BY 2, 3, 4, 5
+    ORDER BY 2, 3, 4, 5
+    ON CONFLICT (workspace_id, kana_id, feature_id, period, start)
+    DO UPDATE SET total = usage_totals.total + EXCLUDED.total"""
 KEY = ["workspace_id", "kana_id", "feature_id", "period", "start"]
 PERIODS = ("day", "month")
 

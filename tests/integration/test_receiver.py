@@ -683,7 +683,10 @@ def test_accepted_calls_wake_a_drain_and_count_in_stats(client, workspace, redis
     assert counters["received"] == 20 and counters["pending"] == 20
     partitions = {spool.partition_of(workspace.id, f"u{i}", runtime.settings.partitions) for i in range(20)}
     assert all(redis.exists(spool.wake_key(p)) for p in partitions)
-    assert runtime.queue.count == len(partitions)
+    # One drain job per group of woken partitions, covering each exactly once.
+    covered = [p for job_id in runtime.queue.get_job_ids() for p in spool.partitions_of_job(job_id)]
+    assert sorted(covered) == sorted(partitions)
+    assert runtime.queue.count == -(-len(partitions) // runtime.settings.drain_group)
 
 
 # -- Redis down ---------------------------------------------------------------------
