@@ -26,7 +26,7 @@ from decimal import Decimal
 from sqlalchemy import Connection, event, text
 from sqlalchemy.orm import sessionmaker
 
-from kana.domain import keys
+from kana.domain import keys, totals
 from kana.ingest import processor
 from kana.models import Feature, Plan, PlanFeature, User
 
@@ -63,12 +63,8 @@ def fill(conn: Connection, ws_id: int, events: int, users: int) -> None:
         "SELECT workspace_id, kana_id, 'messages', 1, timestamp, id, now() FROM events "
         "WHERE workspace_id = :ws AND message_id LIKE 'fill-%'"), {"ws": ws_id})
     # The running totals of that usage, one row per user and day/month, as the workers keep them.
-    conn.execute(text(
-        "INSERT INTO usage_totals (workspace_id, kana_id, feature_id, period, start, total) "
-        "SELECT workspace_id, kana_id, feature_id, p.period, "
-        "date_trunc(p.period, at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', sum(delta) "
-        "FROM usage CROSS JOIN (VALUES ('day'), ('month')) AS p (period) "
-        "WHERE workspace_id = :ws GROUP BY 1, 2, 3, 4, 5"), {"ws": ws_id})
+    conn.execute(text(totals.ADD_PG.format(
+        rows="(SELECT kana_id, feature_id, at, delta FROM usage WHERE workspace_id = :ws)")), {"ws": ws_id})
 
 
 def chunk(ws_id: int, users: int) -> list[dict]:

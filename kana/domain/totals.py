@@ -26,7 +26,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import ScalarSelect, Select, case, delete, func, literal, or_, select
+from sqlalchemy import ScalarSelect, case, delete, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from kana import db
@@ -120,22 +120,15 @@ def rebuild(session: Session, workspace_id: int, *, batch: int = 10_000) -> int:
         after = rows[-1][0]
 
 
-def _summed(workspace_id: int, kana_id: Any, feature_id: str, period: str, start: datetime | None) -> Select:
-    stmt = select(func.sum(UsageTotal.total)).where(
-        UsageTotal.workspace_id == workspace_id, UsageTotal.kana_id == kana_id, UsageTotal.feature_id == feature_id)
-    if period == "none":
-        return stmt.where(UsageTotal.period == "month")
-    return stmt.where(UsageTotal.period == period, UsageTotal.start == start)
-
-
 def total(session: Session, workspace_id: int, kana_id: int, feature_id: str, period: str,
           start: datetime | None) -> Decimal:
-    """A pair's usage in the period starting at ``start`` (``period='none'``: lifetime)."""
-    return ledger.to_decimal(session.scalar(_summed(workspace_id, kana_id, feature_id, period, start)))
+    """A pair's usage in the ``period`` (day, month or none: lifetime) starting at ``start``."""
+    return ledger.to_decimal(session.scalar(select(current(workspace_id, kana_id, feature_id, literal(period),
+                                                            start, start))))
 
 
-def current(workspace_id: int, kana_id: Any, feature_id: Any, period: Any, day: datetime, month: datetime
-            ) -> ScalarSelect:
+def current(workspace_id: int, kana_id: Any, feature_id: Any, period: Any, day: datetime | None,
+            month: datetime | None) -> ScalarSelect:
     """A pair's total in the current ``period`` (day, month or none) as a scalar subquery whose
     arguments may be columns of the enclosing query (``day``/``month``: the current periods' starts).
 
