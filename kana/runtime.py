@@ -17,7 +17,12 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         db.configure(settings.database_url)
-        # After each commit: entitlement cache writes and webhook deliveries queued.
+        self.activate()
+
+    def activate(self) -> None:
+        """Make this runtime the one commits report to: entitlement cache writes and webhook
+        deliveries queued after each commit (one per process; tests building a second app
+        hand it back)."""
         counters.install(db.SessionLocal, lambda: self.redis, lambda ids: webhooks.enqueue(self.queue, ids))
 
     @cached_property

@@ -90,6 +90,7 @@ def runtime(app):
 @pytest.fixture
 def redis(runtime):
     """The Redis the app and workers use, emptied for this test."""
+    runtime.activate()  # a test that built a second app (a broken Redis, say) made that one report commits
     runtime.redis.flushdb()
     auth.clear_cache()
     return runtime.redis
