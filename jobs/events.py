@@ -1,4 +1,4 @@
-"""Drain jobs: apply a partition's queued calls, chunk by chunk."""
+"""Drain jobs: apply a group of partitions' queued calls, a chunk of each per transaction."""
 
 from __future__ import annotations
 
@@ -39,29 +39,13 @@ def _apply(rt: Runtime, calls: list[dict]) -> None:
 
 
 def drain(partitions: list[int] | int) -> dict:
-    """Drain each partition in turn (a job queued before groups names one, as an int)."""
+    """Drain the job's partitions (a job queued before groups names one, as an int).
+
+    Partitions it stops before finishing (time slice, failure) are handed to new
+    jobs: their wake flags are still raised, so no push would queue one.
+    """
     rt = runtime()
     settings = rt.settings
-    todo = [partitions] if isinstance(partitions, int) else list(partitions)
-    chunks = events = 0
-    try:
-        while todo:
-            result = spool.drain(
-                rt.redis,
-                todo[0],
-                partial(_apply, rt),
-                batch_size=settings.batch_size,
-                lock_ttl=settings.lock_ttl,
-                max_seconds=TIME_SLICE,
-            )
-            done = todo.pop(0)
-            if result.yielded:
-                rt.wake([done])
-            chunks, events = chunks + result.chunks, events + result.events
-    finally:
-        if len(todo) > 1:
-            # The partitions after a failing one still have their wake flag raised
-            # and no other job coming: give them one before failing. (The failing
-            # one is left to the takeover, which spaces its retries.)
-            rt.wake(todo[1:])
-    return {"partitions": partitions, "chunks": chunks, "events": events}
+    result = spool.drain(rt.redis, partitions, partial(_apply, rt), batch_size=settings.batch_size,
+                         lock_ttl=settings.lock_ttl, max_seconds=TIME_SLICE, handoff=rt.wake)
+    return {"partitions": partitions, "chunks": result.chunks, "events": result.events}

@@ -2,11 +2,12 @@
 
 Accepted calls are appended to one of ``settings.partitions`` Redis lists, chosen
 by (workspace, userId), so all calls of one user are drained in order by one
-worker at a time. A drain job holds the partition's lock, moves a chunk of events
-to the partition's *inflight* list, applies them in one database transaction,
-then acknowledges (trims) them. A worker killed mid-chunk leaves the chunk in the
-inflight list; the next holder re-applies it first, and the unique messageId per
-workspace makes that re-application a no-op for whatever had committed.
+worker at a time. A drain job holds the locks of its group of partitions, moves a
+chunk of events from each to the partition's *inflight* list, applies them all in
+one database transaction, then acknowledges (trims) them. A worker killed
+mid-chunk leaves the chunks in the inflight lists; the next holder re-applies
+them first, and the unique messageId per workspace makes that re-application a
+no-op for whatever had committed.
 
 The lock is short (``settings.lock_ttl``, seconds) and renewed by a heartbeat
 thread while its drain runs, so a dead holder's partition is free within that
@@ -110,19 +111,20 @@ return 0
 
 
 class _Heartbeat:
-    """Renews a held partition lock every quarter of its TTL while the drain runs.
+    """Renews the drain's held partition locks every quarter of their TTL while it runs.
 
     The drain's main thread may spend long in one transaction (a big chunk, a
-    database that is waited for); the lock must outlive that, yet expire within
-    its TTL once the process is gone.
+    database that is waited for); the locks must outlive that, yet expire within
+    their TTL once the process is gone. ``held`` is the drain's own list, read
+    as it changes: a partition drained empty is released and drops out.
     """
 
-    def __init__(self, redis: Redis, partition: int, token: str, ttl_ms: int) -> None:
+    def __init__(self, redis: Redis, held: list[int], token: str, ttl_ms: int) -> None:
         self._renew = redis.register_script(_RENEW)
-        self._args = ([lock_key(partition)], [token, ttl_ms])
+        self._held, self._token, self._ttl_ms = held, token, ttl_ms
         self._interval = ttl_ms / 4000
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lock-heartbeat-{partition}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="lock-heartbeat", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -130,13 +132,13 @@ class _Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
-        keys, args = self._args
         while not self._stop.wait(self._interval):
-            try:
-                if not self._renew(keys=keys, args=args):
-                    return  # lost: the drain's ack will notice and stop
-            except (RedisError, OSError):
-                continue  # Redis blinked: try again; the lock may survive
+            for p in list(self._held):
+                try:
+                    # A lock found lost is left alone: the drain's ack will notice and stop.
+                    self._renew(keys=[lock_key(p)], args=[self._token, self._ttl_ms])
+                except (RedisError, OSError):
+                    continue  # Redis blinked: try again; the lock may survive
 
 
 class LockLost(RuntimeError):
@@ -193,37 +195,40 @@ def push(redis: Redis, events: Iterable[dict | Encoded], partitions: int, *, req
 
 @dataclass
 class DrainResult:
-    chunks: int = 0
+    chunks: int = 0  # transactions: each carries a chunk of every partition that had calls
     events: int = 0
-    # True when the drain stopped on its time slice with events left: the wake
-    # flag is still set, so the caller must enqueue the next drain itself.
-    yielded: bool = False
-
-
-def _acquire(redis: Redis, p: int, token: str, ttl_ms: int, wait: float) -> bool:
-    deadline = time.monotonic() + wait
-    while True:
-        if redis.set(lock_key(p), token, nx=True, px=ttl_ms):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
 
 
 def drain(
     redis: Redis,
-    partition: int,
+    partitions: int | Iterable[int],
     apply: Callable[[list[dict]], None],
     *,
     batch_size: int,
     lock_ttl: float,
     max_seconds: float | None = None,
+    handoff: Callable[[list[int]], object] | None = None,
 ) -> DrainResult:
-    """Apply the partition's events chunk by chunk until it is empty.
+    """Apply the partitions' events until they are empty, their chunks together.
 
-    ``apply`` must commit the chunk before returning; exceptions propagate (the
-    chunk stays inflight for the next holder).
+    Each round claims a chunk from every partition this drain holds (``batch_size``
+    shared between them) and gives them to ``apply`` as one list, which must
+    commit before returning. Under a steady flow each partition holds a few
+    calls, and one transaction carries the whole group's instead of one per
+    partition. Per-user order holds: a user's calls live in one partition, whose
+    chunk keeps their order. Exceptions propagate, leaving the claimed chunks
+    inflight for the next holders.
+
+    ``handoff`` gets the partitions that still need a drain job when this one
+    stops early: its time slice ran out (``max_seconds``: under sustained load a
+    partition never empties, and other partitions' drains need the worker), or
+    it failed before reaching them. Partitions whose chunk was inflight when it
+    failed are not handed off: the takeover wakes them, spacing retries of a
+    chunk that keeps failing.
     """
+    waiting = [partitions] if isinstance(partitions, int) else list(partitions)
+    held: list[int] = []
+    inflight: list[int] = []
     token = uuid.uuid4().hex
     ttl_ms = int(lock_ttl * 1000)
     # A holder that is still running will hand over soon; one that died frees the
@@ -231,46 +236,83 @@ def drain(
     # from being lost (the holder may have left the queue to us). A live holder
     # keeps the lock for its time slice plus one chunk.
     wait = lock_ttl * 2 + (max_seconds or 0.0)
-    if not _acquire(redis, partition, token, ttl_ms, wait=wait):
-        raise TimeoutError(f"partition {partition} stayed locked for {wait:.0f}s")
     claim, ack, release = (redis.register_script(s) for s in (_CLAIM, _ACK, _RELEASE))
-    keys = [queue_key(partition), inflight_key(partition), lock_key(partition)]
     result = DrainResult()
     started = time.monotonic()
-    heartbeat = _Heartbeat(redis, partition, token, ttl_ms)
+    heartbeat = _Heartbeat(redis, held, token, ttl_ms)
+
+    def finish(p: int) -> None:
+        held.remove(p)
+        release(keys=[lock_key(p)], args=[token])
+
     try:
-        while True:
-            raw = claim(keys=keys, args=[token, batch_size])
-            if raw is None:
-                raise LockLost(f"partition {partition}: lock lost before claiming")
-            if not raw:
-                # Empty: clear the wake flag, then look again. A push that landed
-                # after our look set the flag anew and enqueued its own drain.
-                redis.delete(wake_key(partition))
-                if redis.llen(queue_key(partition)) == 0:
-                    break
-                if not redis.set(wake_key(partition), "1", nx=True, ex=WAKE_TTL):
-                    break
+        while held or waiting:
+            for p in list(waiting):
+                if redis.set(lock_key(p), token, nx=True, px=ttl_ms):
+                    waiting.remove(p)
+                    held.append(p)
+            if not held:
+                if time.monotonic() - started >= wait:
+                    stuck, waiting[:] = list(waiting), []  # left to the takeover, like a failing chunk
+                    raise TimeoutError(f"partitions {stuck} stayed locked for {wait:.0f}s")
+                time.sleep(0.02)
                 continue
-            events = [json.loads(item) for item in raw]
+            chunks = _claim_chunks(redis, claim, held, token, max(1, batch_size // len(held)), finish)
+            if not chunks:
+                continue
+            inflight[:] = [p for p, _ in chunks]
+            decoded = [[json.loads(item) for item in raw] for _, raw in chunks]
+            events = [event for part in decoded for event in part]
             apply(events)
-            per_ws = Counter(e.get("ws") for e in events)
-            args: list = [token, len(raw), ttl_ms]
-            for ws, n in per_ws.items():
-                args += [stats_key(ws), n]
-            if not ack(keys=[inflight_key(partition), lock_key(partition)], args=args):
-                raise LockLost(f"partition {partition}: lock expired while applying a chunk")
+            pipe = redis.pipeline(transaction=False)
+            for (p, raw), part in zip(chunks, decoded, strict=True):
+                args: list = [token, len(raw), ttl_ms]
+                for ws, n in Counter(e.get("ws") for e in part).items():
+                    args += [stats_key(ws), n]
+                ack(keys=[inflight_key(p), lock_key(p)], args=args, client=pipe)
+            acked = pipe.execute()
+            inflight.clear()
+            lost = [p for (p, _), ok in zip(chunks, acked, strict=True) if not ok]
+            if lost:
+                for p in lost:
+                    held.remove(p)  # someone else's now: their chunk stays inflight for them
+                raise LockLost(f"partitions {lost}: lock expired while applying a chunk")
             result.chunks += 1
-            result.events += len(raw)
+            result.events += len(events)
             if max_seconds is not None and time.monotonic() - started > max_seconds:
-                # Under sustained load a partition never empties; give the
-                # worker back so other partitions' drains get their turn.
-                result.yielded = True
                 break
     finally:
         heartbeat.stop()
-        release(keys=[lock_key(partition)], args=[token])
+        left = [p for p in held + waiting if p not in inflight]
+        for p in list(held):
+            finish(p)
+        if left and handoff is not None:
+            handoff(left)
     return result
+
+
+def _claim_chunks(redis: Redis, claim: Callable, held: list[int], token: str, size: int,
+                  finish: Callable[[int], None]) -> list[tuple[int, list[bytes]]]:
+    """A chunk from each held partition, claimed in one round trip; partitions found empty are finished."""
+    pipe = redis.pipeline(transaction=False)
+    for p in held:
+        claim(keys=[queue_key(p), inflight_key(p), lock_key(p)], args=[token, size], client=pipe)
+    chunks = []
+    for p, raw in zip(list(held), pipe.execute(), strict=True):
+        while True:
+            if raw is None:
+                raise LockLost(f"partition {p}: lock lost before claiming")
+            if raw:
+                chunks.append((p, raw))
+                break
+            # Empty: clear the wake flag, then look again. A push that landed
+            # after our look set the flag anew and enqueued its own drain.
+            redis.delete(wake_key(p))
+            if redis.llen(queue_key(p)) == 0 or not redis.set(wake_key(p), "1", nx=True, ex=WAKE_TTL):
+                finish(p)
+                break
+            raw = claim(keys=[queue_key(p), inflight_key(p), lock_key(p)], args=[token, size])
+    return chunks
 
 
 def _states(redis: Redis, partitions: int) -> list[tuple[int, int, int]]:

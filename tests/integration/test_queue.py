@@ -171,26 +171,112 @@ def test_a_push_waking_many_partitions_queues_a_job_per_group(redis, ws, runtime
     assert all(len(group) <= 4 for group in named)
 
 
-def test_a_failing_partition_hands_the_rest_of_its_job_on(redis, ws, runtime, monkeypatch):
-    """A drain job whose first partition fails re-wakes the partitions it did not get to."""
+def users_in_partitions(ws: int, parts: int, n: int) -> dict[int, str]:
+    """One user id in each of ``n`` distinct partitions, by partition."""
+    users: dict[int, str] = {}
+    for i in range(10_000):
+        users.setdefault(spool.partition_of(ws, f"u{i}", parts), f"u{i}")
+        if len(users) == n:
+            return users
+    raise AssertionError("not enough partitions")
+
+
+def test_a_group_is_applied_together_in_each_partitions_order(redis, ws):
+    """Under a light flow one transaction carries every partition's few calls."""
+    users = users_in_partitions(ws, 16, 3)
+    spool.push(redis, [call(ws, 10 * k + i, user=u) for k, u in enumerate(users.values()) for i in range(3)], 16)
+    applied: list[list[tuple[str, str]]] = []
+    result = spool.drain(redis, list(users), lambda evs: applied.append([(e["userId"], e["messageId"]) for e in evs]),
+                         batch_size=500, lock_ttl=5)
+    assert len(applied) == 1 and len(applied[0]) == 9
+    for k, u in enumerate(users.values()):  # each user's calls in the order sent
+        assert [m for user, m in applied[0] if user == u] == [f"m{10 * k + i}" for i in range(3)]
+    assert (result.chunks, result.events) == (1, 9)
+    for p in users:
+        assert redis.llen(spool.queue_key(p)) == redis.llen(spool.inflight_key(p)) == 0
+        assert not redis.exists(spool.lock_key(p)) and not redis.exists(spool.wake_key(p))
+    assert spool.workspace_counters(redis, ws) == {"received": 9, "pending": 0}
+
+
+def test_a_group_shares_the_batch_size_between_its_partitions(redis, ws):
+    users = users_in_partitions(ws, 16, 2)
+    spool.push(redis, [call(ws, 100 * k + i, user=u) for k, u in enumerate(users.values()) for i in range(5)], 16)
+    sizes: list[int] = []
+    result = spool.drain(redis, list(users), lambda evs: sizes.append(len(evs)), batch_size=4, lock_ttl=5)
+    # 2 from each partition per transaction, then the last one of each.
+    assert sizes == [4, 4, 2] and result.events == 10
+
+
+def test_a_partition_held_elsewhere_is_waited_for_while_the_rest_drain(redis, ws):
+    users = users_in_partitions(ws, 16, 2)
+    busy, free = list(users)
+    spool.push(redis, [call(ws, i, user=users[p]) for i, p in enumerate([busy, free, busy])], 16)
+    redis.set(spool.lock_key(busy), "another-drain", px=300)  # its holder hands over within 300 ms
+    applied: list[list[str]] = []
+    result = spool.drain(redis, [busy, free], lambda evs: applied.append([e["userId"] for e in evs]),
+                         batch_size=10, lock_ttl=5)
+    assert applied == [[users[free]], [users[busy], users[busy]]]
+    assert result.events == 3 and redis.llen(spool.queue_key(busy)) == 0
+
+
+def test_a_failed_group_leaves_its_chunks_inflight_and_hands_the_rest_on(redis, ws):
+    """Claimed chunks stay inflight for the takeover; partitions not reached go to a new job."""
+    users = users_in_partitions(ws, 16, 3)
+    first, second, locked = list(users)
+    spool.push(redis, [call(ws, i, user=users[p]) for i, p in enumerate([first, second, locked])], 16)
+    redis.set(spool.lock_key(locked), "another-drain", px=60_000)
+    handed: list[list[int]] = []
+
+    def boom(events):
+        raise RuntimeError("the database rejected the chunk")
+
+    with pytest.raises(RuntimeError):
+        spool.drain(redis, [first, second, locked], boom, batch_size=10, lock_ttl=5, handoff=handed.append)
+    assert handed == [[locked]]
+    assert redis.llen(spool.inflight_key(first)) == redis.llen(spool.inflight_key(second)) == 1
+    assert not redis.exists(spool.lock_key(first)) and not redis.exists(spool.lock_key(second))
+
+
+def test_a_drain_that_lost_one_lock_acknowledges_the_others_and_hands_them_on(redis, ws):
+    users = users_in_partitions(ws, 16, 2)
+    kept, lost = list(users)
+    spool.push(redis, [call(ws, i, user=users[p]) for i, p in enumerate([kept, lost, kept])], 16)
+    handed: list[list[int]] = []
+
+    def stall(events):
+        redis.set(spool.lock_key(lost), "someone-else", px=60_000)  # as if its TTL ran out mid-chunk
+
+    with pytest.raises(spool.LockLost):
+        spool.drain(redis, [kept, lost], stall, batch_size=1, lock_ttl=5, handoff=handed.append)
+    assert redis.llen(spool.inflight_key(lost)) == 1  # left for its new holder
+    assert redis.llen(spool.inflight_key(kept)) == 0 and redis.llen(spool.queue_key(kept)) == 1
+    assert handed == [[kept]]
+    assert redis.get(spool.lock_key(lost)) == b"someone-else"
+
+
+def test_a_drain_out_of_time_hands_its_partitions_on(redis, ws):
+    users = users_in_partitions(ws, 16, 2)
+    spool.push(redis, [call(ws, i, user=u) for u in users.values() for i in range(3 * len(users))], 16)
+    handed: list[list[int]] = []
+    result = spool.drain(redis, list(users), lambda evs: None, batch_size=2, lock_ttl=5, max_seconds=0,
+                         handoff=handed.append)
+    assert result.chunks == 1 and result.events == 2
+    assert sorted(handed[0]) == sorted(users)
+    assert all(redis.exists(spool.wake_key(p)) and not redis.exists(spool.lock_key(p)) for p in users)
+
+
+def test_a_failing_drain_job_hands_the_rest_of_its_group_on(redis, ws, runtime, monkeypatch):
+    """Through the job: the partitions it did not get to are queued again, the failing ones are not."""
     from jobs import events as event_jobs
     from kana import broker
 
     parts = runtime.settings.partitions
-    users = {}
-    for i in range(200):  # one user in each of three partitions
-        users.setdefault(spool.partition_of(ws, f"u{i}", parts), f"u{i}")
-    first, *rest = sorted(users)[:3]
-    spool.push(redis, [call(ws, i, user=users[p]) for i, p in enumerate([first, *rest])], parts)
-    real = spool.drain
-
-    def failing(redis_, partition, *args, **kwargs):
-        if partition == first:
-            raise RuntimeError("the database rejected the chunk")
-        return real(redis_, partition, *args, **kwargs)
-
-    monkeypatch.setattr(spool, "drain", failing)
-    with pytest.raises(RuntimeError):
-        event_jobs.drain([first, *rest])
+    users = users_in_partitions(ws, parts, 3)
+    first, second, locked = list(users)
+    spool.push(redis, [call(ws, i, user=users[p]) for i, p in enumerate([first, second, locked])], parts)
+    redis.set(spool.lock_key(locked), "another-drain", px=60_000)
+    monkeypatch.setattr(processor, "process", lambda sessions, calls: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        event_jobs.drain([first, second, locked])
     coming = [spool.partitions_of_job(j) for j in broker.job_queue(redis, runtime.settings).get_job_ids()]
-    assert sorted(p for group in coming for p in group) == sorted(rest)
+    assert sorted(p for group in coming for p in group) == [locked]
