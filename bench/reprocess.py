@@ -9,7 +9,9 @@ mapping rules (nested dot paths, every operator), then runs
 ``kana.reprocess.reprocess`` inline and reports events/s, how many mapped, the
 resident memory sampled after every chunk (it should stay flat) and the peak
 RSS (``resource.getrusage``). A second run checks idempotency (it must map
-nothing). Prints a summary and writes a JSON report to bench/results/.
+nothing). Then the database's write floor: the same writes replayed as bare
+claim statements on an identically seeded workspace. Prints a summary and
+writes a JSON report to bench/results/.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, func, select, text
@@ -122,6 +125,51 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def new_workspace(rule_count: int, *, with_rules: bool = True) -> int:
+    with db.SessionLocal.begin() as s:
+        ws, _ = keys.create_workspace(s, f"bench-reprocess-{datetime.now(UTC):%H%M%S%f}")
+        for i in range(rule_count):
+            s.add(Feature(workspace_id=ws.id, id=f"feature-{i}", name=f"Feature {i}", type="consumable"))
+        s.flush()
+        for spec in rule_specs(rule_count) if with_rules else ():
+            rules.create_rule(s, ws.id, spec)
+        return ws.id
+
+
+def write_floor(ws_id: int, args: argparse.Namespace) -> dict:
+    """What PostgreSQL alone takes to write the run's outcome, on fresh rows.
+
+    A second workspace is seeded exactly like the first; the claim statement
+    reprocessing runs (events claimed, usage rows, running totals) is replayed
+    there over the run's (event, feature, delta) triples, in the run's chunks on
+    as many connections, with no reading or mapping in Python. Reprocessing
+    cannot go faster than this without fewer writes per mapped event.
+    """
+    twin = new_workspace(args.rules, with_rules=False)
+    try:
+        seed(twin, args.events, args.rules, args.users)
+        with db.SessionLocal() as s:
+            ids = [text("SELECT id FROM events WHERE workspace_id = :ws ORDER BY id")] * 2
+            same = dict(zip(s.scalars(ids[0], {"ws": ws_id}), s.scalars(ids[1], {"ws": twin}), strict=True))
+            matched = [(same[event_id], feature_id, delta) for event_id, feature_id, delta in s.execute(text(
+                "SELECT event_id, feature_id, delta FROM usage WHERE workspace_id = :ws ORDER BY event_id"),
+                {"ws": ws_id})]
+        pieces = [matched[i : i + args.chunk] for i in range(0, len(matched), args.chunk)]
+
+        def claim(piece: list) -> int:
+            with db.SessionLocal.begin() as s:
+                return reprocess._claim_postgres(s, twin, piece)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.writers) as pool:
+            written = sum(pool.map(claim, pieces))
+        seconds = time.perf_counter() - started
+    finally:
+        cleanup(twin)
+    return {"mapped": len(matched), "written": written, "seconds": round(seconds, 2),
+            "mapped_per_s": round(len(matched) / seconds), "events_per_s": round(args.events / seconds)}
+
+
 def cleanup(ws_id: int) -> None:
     with db.SessionLocal.begin() as s:
         for model in (Usage, Event, Rule, Feature, User):
@@ -149,14 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     migrate.upgrade(settings.database_url)
     db.configure(settings.database_url)
 
-    with db.SessionLocal.begin() as s:
-        ws, _ = keys.create_workspace(s, f"bench-reprocess-{datetime.now(UTC):%H%M%S}")
-        ws_id = ws.id
-        for i in range(args.rules):
-            s.add(Feature(workspace_id=ws_id, id=f"feature-{i}", name=f"Feature {i}", type="consumable"))
-        s.flush()
-        for spec in rule_specs(args.rules):
-            rules.create_rule(s, ws_id, spec)
+    ws_id = new_workspace(args.rules)
     print(f"workspace {ws_id}: seeding {args.users} users and {args.events} unmapped events …", flush=True)
     seed_s = seed(ws_id, args.events, args.rules, args.users)
     print(f"seeded in {seed_s:.1f}s", flush=True)
@@ -210,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                   "ok": usage_rows == state.mapped and again.mapped == 0
                   and unmapped == args.events - state.mapped},
     }
+    # The same events/s measure as the run's: events scanned per second of the database's writes alone.
+    report["database_write_floor"] = floor = write_floor(ws_id, args)
+    print(f"database write floor: the claim statements alone wrote {floor['written']} usage rows in "
+          f"{floor['seconds']}s on {args.writers} connections: {floor['mapped_per_s']} mapped events/s, "
+          f"{floor['events_per_s']} events/s as the run counts them", flush=True)
     print(f"SUMMARY reprocessed {state.scanned} events ({state.mapped} mapped) in {elapsed:.1f}s: "
           f"{report['events_per_s']} events/s; RSS {report['rss_mb']['min_during']}–"
           f"{report['rss_mb']['max_during']} MB during the run, peak {report['peak_rss_mb']['after_reprocess']} MB; "
