@@ -133,6 +133,8 @@ class UserRow:
         state["_sink"] = sink
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__ and self.__dict__[name] == value:
+            return  # as with the ORM, setting the value a column has is no change to write
         object.__setattr__(self, name, value)
         changed = self._changed
         if changed is not None:

@@ -191,10 +191,8 @@ class _Workspace:
         elif kind == "group":
             user = directory.get_or_create(call["userId"])
             traits = call.get("traits") or {}
-            # Set only what changes: every set of a UserRow's column is written.
-            if user.group_id != row["name"]:
-                user.group_id = row["name"]
-            if traits.get("name") is not None and user.group_name != str(traits["name"]):
+            user.group_id = row["name"]
+            if traits.get("name") is not None:
                 user.group_name = str(traits["name"])
         elif kind == "alias":
             user = identity.alias(directory, call["previousId"], call["userId"], at=row["timestamp"])
