@@ -42,6 +42,13 @@ class Conflict(errors.Conflict, ValueError):
     """The change would break a uniqueness rule (e.g. a user_id already in use)."""
 
 
+class Gone(Conflict):
+    """A user this transaction changes was merged away or deleted by another one meanwhile.
+
+    A race, like the ORM's StaleDataError: a fresh transaction reads the users again and succeeds.
+    """
+
+
 @dataclass(frozen=True)
 class Traits:
     """The identify traits Kana keeps; everything else is dropped."""
@@ -126,6 +133,8 @@ class UserRow:
         state["_sink"] = sink
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__ and self.__dict__[name] == value:
+            return  # as with the ORM, setting the value a column has is no change to write
         object.__setattr__(self, name, value)
         changed = self._changed
         if changed is not None:
@@ -250,8 +259,15 @@ class Directory:
                 known.append(user)
 
     def merged_away(self, user: User) -> bool:
-        """Whether a merge in this transaction removed ``user``."""
+        """Whether a merge (or a delete) in this transaction removed ``user``."""
         return sa_inspect(user).was_deleted
+
+    def removed(self, kana_ids: Iterable[int]) -> None:
+        """These users were merged away or deleted in this transaction: forget them and what they invalidated.
+
+        ORM objects know it themselves (the session deleted them); see ``BatchDirectory``.
+        """
+        self.clear()
 
     def find(self, user_id: str) -> User | None:
         if user_id not in self._cache:
@@ -291,7 +307,7 @@ class BatchDirectory(Directory):
     """A Directory whose users are ``UserRow``s, written set-based by ``write``.
 
     The same lookups and the same rules as ``Directory``, for a batch of
-    changes (a CSV chunk today; made to serve the Segment chunk path too):
+    changes (a CSV chunk, a drain job's chunk of Segment calls):
     users are loaded with Core queries into ``UserRow``s (one per kana_id for
     the whole transaction, like the ORM's identity map), and ``write`` sends
     what the rules did since the last write: the new users in one multi-row
@@ -338,6 +354,13 @@ class BatchDirectory(Directory):
     def merged_away(self, user: UserRow) -> bool:  # type: ignore[override]
         return user.gone
 
+    def removed(self, kana_ids: Iterable[int]) -> None:
+        """Their rows are marked gone (nothing of theirs is written again) and leave the directory."""
+        for kana_id in kana_ids:
+            if (gone := self._rows.pop(kana_id, None)) is not None:
+                object.__setattr__(gone, "gone", True)
+        self.clear()
+
     def find(self, user_id: str) -> UserRow | None:  # type: ignore[override]
         if user_id not in self._cache:
             self.preload([user_id])
@@ -380,7 +403,7 @@ class BatchDirectory(Directory):
                 rows = [{"kana_id": u.kana_id, **{c: getattr(u, c) for c in columns}, "updated_at": now}
                         for u in users]
                 if db.update_rows(self.session, USERS, "kana_id", rows) < len(rows):
-                    raise Conflict("a user this batch changes no longer exists")
+                    raise Gone("a user this batch changes no longer exists")
                 for u in users:
                     object.__setattr__(u, "updated_at", now)
             # ORM copies of these users (a caller's, a merge's) must not serve stale values.
@@ -400,15 +423,12 @@ class BatchDirectory(Directory):
             .execution_options(populate_existing=True)
         ))
         if len(loaded) != len(ids):
-            raise Conflict("a user to merge no longer exists")
+            raise Gone("a user to merge no longer exists")
         survivor = merge(self.session, self.workspace_id, loaded, trigger=trigger, actor=actor, detail=detail)
-        for kana_id in ids:
-            if kana_id != survivor.kana_id and (gone := self._rows.pop(kana_id, None)) is not None:
-                object.__setattr__(gone, "gone", True)
+        self.removed(k for k in ids if k != survivor.kana_id)
         row = self._rows[survivor.kana_id]
         for name in FIELDS:
             object.__setattr__(row, name, getattr(survivor, name))
-        self.clear()
         return row
 
 
@@ -593,7 +613,7 @@ def merge(
         raise ValueError("users of another workspace cannot be merged")
     ordered = sorted(_lock(session, list(unique.values())), key=lambda u: (u.created_at, u.kana_id))
     if len(ordered) != len(unique):
-        raise Conflict("a user to merge no longer exists")
+        raise Gone("a user to merge no longer exists")
     survivor, others = ordered[0], ordered[1:]
     other_ids = [u.kana_id for u in others]
 
@@ -651,7 +671,12 @@ def merge(
 
 
 def alias(directory: Directory, previous_id: str, user_id: str, *, at: datetime | None = None) -> User | None:
-    """SPEC §4.4: rename (P exists, U doesn't), merge (both exist) or record a no-op."""
+    """SPEC §4.4: rename (P exists, U doesn't), merge (both exist) or record a no-op.
+
+    Users change through the directory (ORM objects or a batch's rows), so the
+    renames are written with ``directory.write()``; the alias and audit records
+    are ORM objects either way.
+    """
     session, ws = directory.session, directory.workspace_id
     previous = directory.find(previous_id)
     current = directory.find(user_id)
@@ -660,7 +685,7 @@ def alias(directory: Directory, previous_id: str, user_id: str, *, at: datetime 
     if previous is not None and current is None:
         old = previous.user_id
         previous.user_id = user_id
-        session.flush()
+        directory.write()
         if old and old != user_id:
             session.add(Alias(workspace_id=ws, alias=old, kana_id=previous.kana_id))
         user, result = previous, "renamed"
@@ -691,6 +716,8 @@ def alias(directory: Directory, previous_id: str, user_id: str, *, at: datetime 
             detail={"previous_id": previous_id, "user_id": user_id, "result": result},
         )
     )
+    # The survivor's new user_id must be in the table before a later call looks it up.
+    directory.write()
     session.flush()
     return user
 
@@ -756,7 +783,8 @@ def gdpr_delete(directory: Directory, user_id: str) -> int:
     user = directory.find(user_id)
     if user is None:
         return 0
+    directory.write()  # a user created in this transaction needs its kana_id, pending changes their row
     n = delete_users(directory.session, directory.workspace_id, [user.kana_id], trigger="delete", gdpr=True)
-    directory.clear()
+    directory.removed([user.kana_id])
     return n
 

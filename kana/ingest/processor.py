@@ -8,8 +8,11 @@ becomes a dead letter while the rest commit.
 A chunk's events go in first, with one ``INSERT … ON CONFLICT DO NOTHING
 RETURNING``: the unique key (workspace_id, message_id) decides which calls are
 new, whatever the planner thinks of the table, and only those calls change
-users, usage and entitlements. Usage rows follow in one multi-row insert, and
-events whose user was not known up front get their kana_id in one executemany.
+users, usage and entitlements. Users change as the rows of an
+``identity.BatchDirectory`` (the CSV import's), which writes the chunk's new
+users in one multi-row INSERT and its changed users in one UPDATE per set of
+changed columns; usage rows follow in one multi-row insert, and events whose
+user was not known up front get their kana_id in one executemany.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from kana.domain import entitlements, identity, rules, totals, usage
 from kana.domain.billing import provider_of
 from kana.errors import KanaError
 from kana.ingest import spool
-from kana.models import DeadLetter, Event, Usage, User, Workspace, utcnow
+from kana.models import DeadLetter, Event, Usage, Workspace, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +92,15 @@ EVENTS = Event.__table__
 USAGE = Usage.__table__
 
 
-class _Directory(identity.Directory):
-    """The chunk's Directory: before users are merged away, the chunk's pending writes land."""
+class _Directory(identity.BatchDirectory):
+    """The chunk's Directory: before users are merged away, the chunk's pending writes land
+    (usage rows and events' kana_ids of the users the merge moves)."""
 
     def __init__(self, session: Session, workspace_id: int, settle) -> None:  # noqa: ANN001
         super().__init__(session, workspace_id)
         self._settle = settle
 
-    def merge(self, users: list[User], **kwargs) -> User:  # noqa: ANN003
+    def merge(self, users: list[identity.UserRow], **kwargs) -> identity.UserRow:  # noqa: ANN003
         self._settle()
         return super().merge(users, **kwargs)
 
@@ -119,8 +123,8 @@ class _Workspace:
         # go to the entitlement cache and are checked against alert thresholds.
         self.recorded: set[tuple[int, str]] = set()
         # Writes waiting for users' kana_ids: (event id, user) and usage rows (with their user).
-        self._kana: list[tuple[int, User]] = []
-        self._usage: list[tuple[dict, User]] = []
+        self._kana: list[tuple[int, identity.UserRow]] = []
+        self._usage: list[tuple[dict, identity.UserRow]] = []
 
     def event_row(self, call: dict, kana_id: int | None) -> dict:
         """The events row of a call, as far as it is known before the call is applied."""
@@ -200,11 +204,8 @@ class _Workspace:
             self._kana.append((event_id, user))
 
     def settle(self) -> None:
-        """Write what waited for kana_ids: new users, then events' kana_ids and usage rows."""
-        if not (self._kana or self._usage):
-            return
-        db.assign_ids(self.session)
-        self.session.flush()
+        """Write the users' changes, then what waited for kana_ids: events' kana_ids and usage rows."""
+        self.directory.write()
         if self._kana:
             self.session.execute(
                 update(EVENTS).where(EVENTS.c.id == bindparam("event_id")).values(kana_id=bindparam("kana")),
@@ -239,8 +240,8 @@ def apply(session: Session, calls: list[dict]) -> Outcome:
         user_ids = [c["userId"] for c in unique] + [c["previousId"] for c in unique if c.get("previousId")]
         emails = [c["traits"]["email"] for c in unique if c["type"] == "identify" and isinstance(
             (c.get("traits") or {}).get("email"), str)]
-        # Users are flushed together by ``settle``; identity code flushes
-        # explicitly where it must (merges).
+        # Users are written together by ``settle``; identity code writes
+        # explicitly where it must (merges, renames, deletes).
         with session.no_autoflush:
             context = _Workspace(session, row, user_ids, emails)
             fresh = context.insert_events(unique)
@@ -312,7 +313,7 @@ def process(sessions: sessionmaker, calls: list[dict], *, attempts: int = 3) -> 
         try:
             with sessions.begin() as session:
                 return apply(session, calls)
-        except (OperationalError, IntegrityError, StaleDataError) as exc:
+        except (OperationalError, IntegrityError, StaleDataError, identity.Gone) as exc:
             # Lock races with another partition's merge (deadlock, a row merged
             # away under us) resolve on a fresh try; an outage must not be
             # mistaken for bad data, so it goes back to the caller.
