@@ -89,12 +89,12 @@ def cached_lookup(name: str, load: Callable[[Session], tuple[bool, Any]],
     database error propagates (the receiver answers 503 and Segment retries).
     """
     global _database_retry_at
-    rt = runtime.current()
     now = time.monotonic()
     with _cache_lock:
         hit = _cache.get(name)
     if hit is not None and hit[0] > now:
         return hit[1]
+    rt = runtime.current()
     failure: Exception | None = None
     if now >= _database_retry_at:
         try:

@@ -26,6 +26,10 @@ def install(app: Flask) -> None:
 
 
 def _has_body() -> bool:
+    environ = request.environ
+    # Most requests (every GET) have neither header: answered without building the header views.
+    if not environ.get("CONTENT_LENGTH") and not environ.get("HTTP_TRANSFER_ENCODING"):
+        return False
     return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
 
 

@@ -35,6 +35,6 @@ class CheckQuery(StrictSchema):
 @doc("checkEntitlement", "May this user use this feature now (canUseFeature)? Admin key or a key of scope check.",
      query=CheckQuery, response=EntitlementOut, errors=(400, 401, 403), scope="check")
 def check() -> ResponseReturnValue:
-    args = query(CheckQuery())
+    args = query(CheckQuery)
     return jsonify(plan_actions.check(current(), auth.workspace_id(), args["user_id"], args["feature_id"],
                                       args["delta"]))

@@ -52,7 +52,7 @@ COMPONENTS = {"Event": EventOut, "DeadLetter": DeadLetterOut}
 @doc("listEvents", "Stored events by status; status=failed lists dead letters", query=EventListQuery,
      response=EventPage)
 def list_events() -> ResponseReturnValue:
-    args = query(EventListQuery())
+    args = query(EventListQuery)
     ws = auth.workspace_id()
     with SessionLocal.begin() as s:
         user = identity.find_user(s, ws, args["user_id"]) if args["user_id"] is not None else None

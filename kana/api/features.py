@@ -66,7 +66,7 @@ def with_hint(result: dict) -> dict:
 @bp.post("/features")
 @doc("createFeature", "Create a feature", body=FeatureCreate, status=201, response=FeatureWithJob)
 def create_feature() -> ResponseReturnValue:
-    data = body(FeatureCreate())
+    data = body(FeatureCreate)
     result = feature_actions.create(current(), auth.workspace_id(), data["id"], data["name"], data["type"])
     return jsonify(with_hint(result)), 201, {"Location": url_for("api.get_feature", feature_id=result["id"])}
 
@@ -86,14 +86,14 @@ def get_feature(feature_id: str) -> ResponseReturnValue:
 @bp.patch("/features/<feature_id>")
 @doc("updateFeature", "Rename or retype a feature", body=FeatureUpdate, response=FeatureOut)
 def update_feature(feature_id: str) -> ResponseReturnValue:
-    data = body(FeatureUpdate())
+    data = body(FeatureUpdate)
     return jsonify(feature_actions.update(auth.workspace_id(), feature_id, name=data["name"], kind=data["type"]))
 
 
 @bp.delete("/features/<feature_id>")
 @doc("deleteFeature", "Delete a feature (with force: and its usage)", query=FeatureDeleteQuery, status=204)
 def delete_feature(feature_id: str) -> ResponseReturnValue:
-    args = query(FeatureDeleteQuery())
+    args = query(FeatureDeleteQuery)
     try:
         feature_actions.delete(auth.workspace_id(), feature_id, force=args["force"])
     except features.FeatureInUse as exc:

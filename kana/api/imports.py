@@ -80,7 +80,7 @@ class Upload(Schema):
      response="kana_id,user_id,name,email,billing_id,created_at (UTF-8; cells that would start a formula are "
               "prefixed with ')", media="text/csv", errors=(400, 401, 403))
 def export_users() -> ResponseReturnValue:
-    flag = query(ExportQuery())["flag"]
+    flag = query(ExportQuery)["flag"]
     workspace_id = auth.workspace_id()
 
     def generate() -> Iterator[str]:
@@ -122,7 +122,7 @@ def import_csv() -> ResponseReturnValue:
 @bp.get("/imports/csv")
 @doc("listCsvImports", "Recent CSV imports", query=LimitQuery, response=CsvImportList, errors=(400, 401, 403))
 def list_csv_imports() -> ResponseReturnValue:
-    limit = query(LimitQuery())["limit"]
+    limit = query(LimitQuery)["limit"]
     with SessionLocal() as s:
         recent = csvfile.recent_imports(s, auth.workspace_id(), limit)
         result = {"imports": [csvfile.import_json(i, report=False) for i in recent]}

@@ -38,7 +38,7 @@ def list_keys() -> ResponseReturnValue:
 @bp.post("/keys")
 @doc("createKey", "Create an API key (shown once)", body=KeyCreate, status=201, response=KeyCreated)
 def create_key() -> ResponseReturnValue:
-    data = body(KeyCreate())
+    data = body(KeyCreate)
     return jsonify(key_actions.create(auth.workspace_id(), data["scope"], data["name"])), 201
 
 

@@ -46,7 +46,7 @@ def update_plan(plan_id: str) -> ResponseReturnValue:
 @bp.put("/users/<id:kana_id>/plan")
 @doc("assignPlan", "Put a user on a plan", body=PlanAssignment, response=UserDetail, errors=(400, 401, 403, 404))
 def assign_plan(kana_id: int) -> ResponseReturnValue:
-    data = body(PlanAssignment())
+    data = body(PlanAssignment)
     return jsonify(plan_actions.assign(auth.workspace_id(), kana_id, data["plan_id"]))
 
 

@@ -48,7 +48,7 @@ class TopUsageOut(Schema):
     users = fields.List(fields.Nested(TopUser), required=True)
 
 
-def _usage_query(schema: Schema) -> dict[str, Any]:
+def _usage_query(schema: type[Schema]) -> dict[str, Any]:
     """The query of a usage endpoint, its from/to range checked."""
     args = query(schema)
     if args["start"] is not None and args["end"] is not None and args["end"] <= args["start"]:
@@ -86,7 +86,7 @@ def _series_range(session: Session, ws: int, kana_id: int, feature_id: str,
 @bp.get("/users/<id:kana_id>/usage")
 @doc("getUserUsage", "A user's usage of a feature: total and series", query=UsageQuery, response=UsageOut)
 def user_usage(kana_id: int) -> ResponseReturnValue:
-    args = _usage_query(UsageQuery())
+    args = _usage_query(UsageQuery)
     ws, feature_id = auth.workspace_id(), args["feature"]
     with SessionLocal.begin() as s:
         user_or_404(s, ws, kana_id)
@@ -112,7 +112,7 @@ def user_usage(kana_id: int) -> ResponseReturnValue:
 @bp.get("/usage")
 @doc("topUsage", "Top users of a feature", query=TopUsageQuery, response=TopUsageOut)
 def top_usage() -> ResponseReturnValue:
-    args = _usage_query(TopUsageQuery())
+    args = _usage_query(TopUsageQuery)
     ws, feature_id = auth.workspace_id(), args["feature"]
     with SessionLocal.begin() as s:
         _feature_exists(s, ws, feature_id)

@@ -92,7 +92,7 @@ def _user_filters(session: Session, workspace_id: int, args: dict[str, Any]) -> 
 @bp.get("/users")
 @doc("listUsers", "List or find users (keyset-paginated by kana_id)", query=UserListQuery, response=UserPage)
 def list_users() -> ResponseReturnValue:
-    args = query(UserListQuery())
+    args = query(UserListQuery)
     ws = auth.workspace_id()
     with SessionLocal.begin() as s:
         stmt = select(User).where(*_user_filters(s, ws, args))
@@ -105,7 +105,7 @@ def list_users() -> ResponseReturnValue:
 @doc("createUser", "Create a user (source api), claimed or unclaimed", body=UserCreate, status=201,
      response=UserDetail)
 def create_user() -> ResponseReturnValue:
-    data = body(UserCreate())
+    data = body(UserCreate)
     if data["user_id"] is not None:
         try:
             _user_id_field(data["user_id"])
@@ -149,7 +149,7 @@ def get_user(kana_id: int) -> ResponseReturnValue:
 @bp.post("/users/merge")
 @doc("mergeUsers", "Merge users into the one created first", body=MergeRequest, response=UserDetail)
 def merge_users() -> ResponseReturnValue:
-    data = body(MergeRequest())
+    data = body(MergeRequest)
     merged = user_actions.merge(auth.workspace_id(), data["kana_ids"], trigger="api", actor=auth.actor())
     return jsonify(merged.user)
 

@@ -30,7 +30,7 @@ class DeliveriesQuery(PageQuery):
 @doc("setWebhook", "Set the webhook URL; answers a new signing secret (shown once; every PUT rotates it)",
      body=WebhookIn, response=WebhookOut, errors=(400, 401, 403))
 def set_webhook() -> ResponseReturnValue:
-    data = body(WebhookIn())
+    data = body(WebhookIn)
     return jsonify(webhook_actions.set_url(current(), auth.workspace_id(), data["url"]))
 
 
@@ -38,7 +38,7 @@ def set_webhook() -> ResponseReturnValue:
 @doc("listWebhookDeliveries", "Deliveries, newest first", query=DeliveriesQuery, response=DeliveryPage,
      errors=(400, 401, 403))
 def list_deliveries() -> ResponseReturnValue:
-    args = query(DeliveriesQuery())
+    args = query(DeliveriesQuery)
     rows, after = webhook_actions.deliveries(auth.workspace_id(), before=decode_cursor(args["cursor"]),
                                              limit=args["limit"], status=args["status"])
     return jsonify({"deliveries": rows, "next_cursor": encode_cursor(after) if after is not None else None})

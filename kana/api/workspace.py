@@ -44,13 +44,13 @@ def get_workspace() -> ResponseReturnValue:
 @bp.patch("/workspace")
 @doc("updateWorkspace", "Change workspace settings", body=WorkspaceUpdate, response=WorkspaceOut)
 def update_workspace() -> ResponseReturnValue:
-    return jsonify(workspace_actions.update(auth.workspace_id(), body(WorkspaceUpdate())))
+    return jsonify(workspace_actions.update(auth.workspace_id(), body(WorkspaceUpdate)))
 
 
 @bp.get("/audit")
 @doc("listAudit", "Audit log of merges, deletes and aliases (newest first)", query=PageQuery, response=AuditPage)
 def list_audit() -> ResponseReturnValue:
-    args = query(PageQuery())
+    args = query(PageQuery)
     with SessionLocal.begin() as s:
         stmt = select(Audit).where(Audit.workspace_id == auth.workspace_id())
         rows, cursor = page(s, stmt, Audit.id, args, descending=True)

@@ -10,9 +10,12 @@ JSON API authenticate with API keys, not cookies, so CSRF does not apply there.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
-from flask import Flask, redirect, url_for
+from flask import Flask, Request, redirect, url_for
+from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
+from itsdangerous import URLSafeTimedSerializer
 
 from kana import runtime
 
@@ -41,6 +44,7 @@ def init_app(app: Flask) -> None:
     from kana.dashboard import rq_mount
     from kana.dashboard.common import bp, csrf
 
+    app.session_interface = CookieSessions()
     csrf.init_app(app)
 
     app.register_blueprint(bp)
@@ -50,3 +54,30 @@ def init_app(app: Flask) -> None:
 
 def _root() -> ResponseReturnValue:
     return redirect(url_for("dashboard.overview"))
+
+
+class CookieSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, made cheap for the requests that carry no session cookie.
+
+    Flask opens the session of every request, the API's and the receiver's too,
+    and its interface builds a new signing serializer each time; here it is built
+    once per set of keys, and a request without the cookie gets its empty session
+    without it. A cookie is read and written exactly as Flask does.
+    """
+
+    def __init__(self) -> None:
+        self._serializer: tuple[Any, URLSafeTimedSerializer | None] = (None, None)
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        keys = (app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        built_for, serializer = self._serializer
+        if built_for != keys:
+            serializer = super().get_signing_serializer(app)
+            self._serializer = (keys, serializer)  # one tuple: threads see a matching pair
+        return serializer
+
+    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
+        if app.secret_key and ("HTTP_COOKIE" not in request.environ
+                               or not request.cookies.get(self.get_cookie_name(app))):
+            return self.session_class()
+        return super().open_session(app, request)

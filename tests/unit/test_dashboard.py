@@ -36,3 +36,48 @@ def test_chart_layout_scales_to_a_nice_maximum():
     assert charts.nice_ceiling(0.3) == pytest.approx(0.5) and charts.nice_ceiling(101) == 200
 
 
+
+
+def test_cookie_sessions_read_and_write_what_flask_does():
+    from flask import Flask, session
+    from flask.sessions import SecureCookieSessionInterface
+
+    from kana.dashboard import CookieSessions
+
+    def make(interface: SecureCookieSessionInterface) -> Flask:
+        app = Flask("t")
+        app.secret_key = "one"
+        app.session_interface = interface
+
+        @app.get("/set")
+        def set_():
+            session["who"] = "ada"
+            return "ok"
+
+        @app.get("/get")
+        def get():
+            return session.get("who", "-")
+
+        return app
+
+    ours, flasks = make(CookieSessions()), make(SecureCookieSessionInterface())
+    # A cookie set by either is read by the other; no cookie, or a bad one, is an empty session.
+    for writer, reader in ((ours, flasks), (flasks, ours)):
+        client = writer.test_client()
+        client.get("/set")
+        cookie = client.get_cookie("session").value
+        other = reader.test_client()
+        other.set_cookie("session", cookie)
+        assert other.get("/get").text == "ada"
+    assert ours.test_client().get("/get").text == "-"
+    bad = ours.test_client()
+    bad.set_cookie("session", "forged")
+    assert bad.get("/get").text == "-"
+    # A new key (the old one a fallback) is used from the next request on.
+    client = ours.test_client()
+    client.get("/set")
+    ours.secret_key, ours.config["SECRET_KEY_FALLBACKS"] = "two", ["one"]
+    assert client.get("/get").text == "ada"
+    client.get("/set")
+    ours.config["SECRET_KEY_FALLBACKS"] = []
+    assert client.get("/get").text == "ada"  # re-signed with "two" on the last write
