@@ -33,6 +33,21 @@ def postgres(name: str):  # noqa: ANN201 - config.Settings, imported lazily like
     return settings
 
 
+def with_redis(name: str):  # noqa: ANN201 - config.Settings, imported lazily like the scripts do
+    """Settings of a benchmark that runs the app and its jobs in-process, its schema migrated; exits 2 without Redis."""
+    import sys
+
+    import config
+    from kana import migrate
+
+    settings = config.load()
+    if settings.redis_url is None:
+        print(f"{name}: set REDIS_URL (and DATABASE_URL) to the Redis and PostgreSQL to measure", file=sys.stderr)
+        raise SystemExit(2)
+    migrate.upgrade(settings.database_url)
+    return settings
+
+
 def wait_healthy(url: str, timeout: float = 60.0) -> bool:
     """Poll ``{url}/healthz`` until it answers 200 (True) or ``timeout`` seconds pass (False)."""
     import time

@@ -27,9 +27,9 @@ from rq import SimpleWorker
 import config
 import jobs
 from app import create_app
-from bench import RESULTS, write_report
+from bench import RESULTS, with_redis, write_report
 from bench.run import new_workspace, steady_users, workload
-from kana import broker, migrate
+from kana import broker
 
 
 def run(settings: config.Settings, group: int, events: int, users: int, seed: int) -> dict:
@@ -62,11 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    settings = config.load()
-    if settings.redis_url is None:
-        print("set REDIS_URL (and DATABASE_URL) to the Redis and PostgreSQL to measure", file=sys.stderr)
-        return 2
-    migrate.upgrade(settings.database_url)
+    settings = with_redis("bench.drains")
     runs = []
     for rep in range(args.reps):
         for group in args.groups:

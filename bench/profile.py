@@ -20,13 +20,12 @@ from datetime import UTC, datetime
 
 from sqlalchemy import update
 
-import config
 import jobs
 from app import create_app
-from bench import RESULTS, write_report
+from bench import RESULTS, with_redis, write_report
 from bench.run import ROOT, new_workspace, steady_users, stored, workload
 from jobs import events as event_jobs
-from kana import db, migrate
+from kana import db
 from kana.domain import plans
 from kana.ingest import spool
 from kana.models import User
@@ -54,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    settings = config.load()
-    if settings.redis_url is None:
-        print("set REDIS_URL (and DATABASE_URL) to the Redis and PostgreSQL to measure", file=sys.stderr)
-        return 2
-    migrate.upgrade(settings.database_url)
+    settings = with_redis("bench.profile")
     app = create_app(settings)
     runtime = jobs.init(settings)
     runtime.redis.flushdb()
