@@ -294,9 +294,12 @@ def drain(
 def _claim_chunks(redis: Redis, claim: Callable, held: list[int], token: str, size: int,
                   finish: Callable[[int], None]) -> list[tuple[int, list[bytes]]]:
     """A chunk from each held partition, claimed in one round trip; partitions found empty are finished."""
+    def keys(p: int) -> list[str]:
+        return [queue_key(p), inflight_key(p), lock_key(p)]
+
     pipe = redis.pipeline(transaction=False)
     for p in held:
-        claim(keys=[queue_key(p), inflight_key(p), lock_key(p)], args=[token, size], client=pipe)
+        claim(keys=keys(p), args=[token, size], client=pipe)
     chunks = []
     for p, raw in zip(list(held), pipe.execute(), strict=True):
         while True:
@@ -311,7 +314,7 @@ def _claim_chunks(redis: Redis, claim: Callable, held: list[int], token: str, si
             if redis.llen(queue_key(p)) == 0 or not redis.set(wake_key(p), "1", nx=True, ex=WAKE_TTL):
                 finish(p)
                 break
-            raw = claim(keys=[queue_key(p), inflight_key(p), lock_key(p)], args=[token, size])
+            raw = claim(keys=keys(p), args=[token, size])
     return chunks
 
 
